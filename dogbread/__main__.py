@@ -1,0 +1,3 @@
+from dogbread.cli import main
+
+raise SystemExit(main())

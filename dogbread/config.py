@@ -1,0 +1,134 @@
+"""Frozen job configs: defaults here, overridden by a YAML file, overridden by CLI flags.
+
+Every job writes its resolved config as config.yaml beside its output, so a run can be repeated.
+Configs never hold credentials: S3 keys come from the standard AWS chain at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from dogbread.errors import ConfigError
+
+T = TypeVar("T")
+CONFIG_FILENAME = "config.yaml"
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthConfig:
+    out: str
+    per_class: int = 100
+    seed: int = 0
+    classes: tuple[str, ...] = ("bread", "dog")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    data: str  # a labeled tree (local or s3://) or a manifest written by `dogbread manifest`
+    out: str  # the run dir (local or s3://)
+    workers: int = 2
+    use_gpu: bool = False
+    epochs: int = 10
+    batch_size: int = 32  # global: each of N workers gets batch_size / N per step
+    learning_rate: float = 1e-3  # for the global batch; not rescaled with the worker count
+    image_size: int = 256
+    augment: bool = False
+    patience: int = 3  # early stopping on validation loss
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+    max_failures: int = 2  # worker failures Ray Train retries from the last checkpoint
+    s3_endpoint: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelConfig:
+    model: str
+    input: str  # a folder, s3://bucket/prefix, or a manifest (.csv/.parquet) of paths
+    output: str  # a folder or s3://bucket/prefix that receives Parquet files
+    batch_size: int = 64
+    actors: int = 1
+    use_gpu: bool = False
+    threshold: float | None = None  # below it the label is "uncertain"
+    partition_by: str | None = None  # "label" writes Hive-style label=... folders
+    s3_endpoint: str | None = None
+
+
+def load_config(
+    cls: type[T], path: str | None = None, overrides: Mapping[str, Any] | None = None
+) -> T:
+    """Build `cls` from defaults, then the YAML file at `path`, then non-None `overrides`."""
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"config {path} is not valid YAML: {str(exc).splitlines()[0]}"
+            ) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of keys to values")
+        values.update(loaded or {})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"missing required {cls.__name__} key(s): {', '.join(missing)}")
+    return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType):  # `X | None`
+        if value is None:
+            return None
+        return _coerce(name, value, next(a for a in args if a is not type(None)))
+    if typing.get_origin(hint) is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return tuple(_coerce(name, item, args[0]) for item in items)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value).strip()
+    raise ConfigError(f"{name} must be {hint.__name__}, got {value!r}")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+    }
+
+
+def dump_config(config: Any) -> str:
+    """The resolved config as YAML text, with the job's name as a comment."""
+    return f"# dogbread {type(config).__name__}\n" + yaml.safe_dump(
+        config_to_dict(config), sort_keys=False
+    )
