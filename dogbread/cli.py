@@ -1,0 +1,159 @@
+"""The `dogbread` command. It only parses arguments and calls the job modules.
+
+Job flags are generated from the config dataclasses, so a flag and a YAML key always agree:
+`--batch-size 64` on the command line is `batch_size: 64` in a --config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from dogbread.config import LabelConfig, SynthConfig, TrainConfig, load_config
+from dogbread.errors import DogbreadError
+
+# Short flags users expect, beside the generated --field-name ones.
+ALIASES = {"use_gpu": ["--gpu"]}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """One flag per config field; all default to None so only given flags override YAML."""
+    parser.add_argument("--config", metavar="YAML", help="a YAML file of config keys")
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        flags = [f"--{field.name.replace('_', '-')}", *ALIASES.get(field.name, [])]
+        hint = hints[field.name]
+        base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+        default = "" if field.default is dataclasses.MISSING else f" (default: {field.default})"
+        if base is bool:
+            parser.add_argument(
+                *flags, dest=field.name, action=argparse.BooleanOptionalAction, default=None
+            )
+        elif typing.get_origin(base) is tuple:
+            parser.add_argument(*flags, dest=field.name, help=f"comma-separated{default}")
+        else:
+            parser.add_argument(*flags, dest=field.name, type=base, help=default.strip() or None)
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    return load_config(cls, args.config, overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dogbread", description="Train an image classifier and label image stores on Ray."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="draw a synthetic labeled image tree")
+    p.add_argument("out", help="output folder (one subfolder per class)")
+    add_config_flags(p, SynthConfig, skip=["out"])
+
+    p = sub.add_parser("manifest", help="list a labeled tree and write its train/val/test split")
+    p.add_argument("data", help="a labeled tree: folder or s3://bucket/prefix")
+    p.add_argument("--out", required=True, help="manifest file (.parquet or .csv)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--s3-endpoint")
+
+    p = sub.add_parser("predict", help="classify images, one line each")
+    p.add_argument("--model", required=True, help="a run dir or model.keras")
+    p.add_argument("images", nargs="+", help="image paths or s3:// URIs")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--s3-endpoint")
+
+    p = sub.add_parser("train", help="train the CNN data-parallel with Ray Train")
+    add_config_flags(p, TrainConfig)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint")
+
+    p = sub.add_parser("evaluate", help="metrics of a model on a labeled tree or manifest")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", help="only this split of the data (default: all of it)")
+    p.add_argument("--s3-endpoint")
+
+    p = sub.add_parser("label", help="label an image store into Parquet with Ray Data")
+    add_config_flags(p, LabelConfig)
+
+    p = sub.add_parser("demo", help="the whole job on synthetic images and a local Ray")
+    p.add_argument("--out", default="demo-out", help="where the demo writes (default: demo-out)")
+    p.add_argument("--s3", action="store_true", help="go through a local SeaweedFS S3 server")
+    p.add_argument("--images", type=int, default=2000, help="images to label")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return run_command(args)
+    except DogbreadError as exc:
+        print(f"dogbread: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dogbread: interrupted", file=sys.stderr)
+        return 130
+
+
+def run_command(args: argparse.Namespace) -> int:
+    # Job modules are imported on use: `dogbread synth` should not wait for TensorFlow or Ray.
+    if args.command == "synth":
+        from dogbread import synth
+
+        config = config_from_args(SynthConfig, args)
+        counts = synth.write_synthetic_tree(
+            config.out, config.per_class, config.seed, config.classes
+        )
+        print(f"wrote {sum(counts.values())} images to {config.out}: {counts}")
+        return 0
+    if args.command == "manifest":
+        from dogbread import data
+
+        manifest = data.list_labeled_tree(
+            args.data, args.val_fraction, args.test_fraction, args.s3_endpoint
+        )
+        data.write_manifest(manifest, args.out, args.s3_endpoint)
+        counts = {s: manifest.split(s).num_rows for s in data.SPLITS}
+        print(f"wrote {manifest.table.num_rows} files to {args.out}: {counts}")
+        return 0
+    if args.command == "predict":
+        from dogbread import predict
+
+        return predict.run(args.model, args.images, args.json, args.s3_endpoint)
+    if args.command == "train":
+        from dogbread import train
+
+        if args.resume:
+            train.resume(args.resume)
+        else:
+            train.run(config_from_args(TrainConfig, args))
+        return 0
+    if args.command == "evaluate":
+        from dogbread import evaluate
+
+        evaluate.run(args.model, args.data, args.split, args.s3_endpoint)
+        return 0
+    if args.command == "label":
+        from dogbread import label
+
+        label.run(config_from_args(LabelConfig, args))
+        return 0
+    if args.command == "demo":
+        from dogbread import demo
+
+        return demo.run(args.out, s3=args.s3, images=args.images)
+    raise AssertionError(args.command)

@@ -1,0 +1,214 @@
+"""Labeled image trees and manifests.
+
+A labeled tree has one subfolder per class (`root/bread/...`, `root/dog/...`); class indices are the
+sorted folder names. Each file's split comes from a hash of its path relative to the root, so a
+file keeps its split when others are added. A manifest (Parquet or CSV) records the listing and the
+split, so training and evaluation need not list a large bucket again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import posixpath
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from dogbread import storage
+from dogbread.errors import DataError, StorageError
+from dogbread.images import IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),  # full location: a local path or s3://bucket/key
+        ("relpath", pa.string()),  # relative to the tree root: what the split hash is taken of
+        ("label", pa.string()),
+        ("split", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    table: pa.Table  # MANIFEST_SCHEMA
+    class_names: tuple[str, ...]
+    skipped_non_images: int = 0
+
+    def split(self, name: str) -> pa.Table:
+        return self.table.filter(pa.compute.equal(self.table["split"], name))
+
+
+def is_manifest(uri: str) -> bool:
+    return uri.lower().endswith((".parquet", ".csv"))
+
+
+def is_image_name(path: str) -> bool:
+    name = posixpath.basename(path)
+    return not name.startswith(".") and posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def assign_split(relpath: str, val_fraction: float = 0.1, test_fraction: float = 0.1) -> str:
+    """train/val/test from a stable hash of the relative path (not Python's salted hash())."""
+    bucket = int(hashlib.sha1(relpath.encode()).hexdigest()[:8], 16) % 10_000 / 10_000
+    if bucket < test_fraction:
+        return "test"
+    if bucket < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def list_files(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str, list[str]]:
+    """(fs, root, sorted file paths below root), recursively."""
+    fs, root = storage.resolve(uri, s3_endpoint)
+    try:
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound and not storage.is_s3(uri):
+            raise DataError(f"input not found: {uri}")
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise StorageError(f"cannot list {uri}: {storage.first_line(exc)}") from None
+    return fs, root, sorted(i.path for i in infos if i.type == pafs.FileType.File)
+
+
+def list_labeled_tree(
+    uri: str,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    s3_endpoint: str | None = None,
+) -> Manifest:
+    """List `uri/<class>/**/<image>` and assign each file its split."""
+    fs, root, paths = list_files(uri, s3_endpoint)
+    rows: dict[str, list[str]] = {name: [] for name in MANIFEST_SCHEMA.names}
+    skipped = 0
+    for path in paths:
+        relpath = posixpath.relpath(path, root) if root != "/" else path.lstrip("/")
+        if "/" not in relpath or not is_image_name(path):
+            skipped += 1  # a file at the root has no class; not an image by its name
+            continue
+        rows["path"].append(storage.to_uri(fs, path))
+        rows["relpath"].append(relpath)
+        rows["label"].append(relpath.split("/", 1)[0])
+        rows["split"].append(assign_split(relpath, val_fraction, test_fraction))
+    if skipped:
+        log.info("skipped %d non-image files under %s", skipped, uri)
+    table = pa.table(rows, schema=MANIFEST_SCHEMA)
+    class_names = _class_names(table, uri)
+    # S3 has no empty folders; locally an empty class folder is a mistake worth stopping for.
+    top = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    empty = sorted(i.base_name for i in top if i.type == pafs.FileType.Directory)
+    empty = [name for name in empty if name not in class_names and not name.startswith(".")]
+    if empty:
+        raise DataError(f"class folder(s) with no images in {uri}: {', '.join(empty)}")
+    return Manifest(table, class_names, skipped)
+
+
+def _class_names(table: pa.Table, source: str) -> tuple[str, ...]:
+    if table.num_rows == 0:
+        raise DataError(f"no images found in {source} (expected one subfolder per class)")
+    names = tuple(sorted(set(table["label"].to_pylist())))
+    if len(names) < 2:
+        raise DataError(f"only one class ({names[0]}) in {source}: at least two are needed")
+    return names
+
+
+def write_manifest(manifest: Manifest, uri: str, s3_endpoint: str | None = None) -> None:
+    fs, path = storage.resolve(uri, s3_endpoint)
+    try:
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+        if uri.lower().endswith(".csv"):
+            with fs.open_output_stream(path) as out:
+                pacsv.write_csv(manifest.table, out)
+        else:
+            pq.write_table(manifest.table, path, filesystem=fs)
+    except OSError as exc:
+        raise StorageError(f"cannot write manifest {uri}: {storage.first_line(exc)}") from None
+
+
+def read_manifest(uri: str, s3_endpoint: str | None = None) -> Manifest:
+    """A manifest written by write_manifest (or any file with path and label columns)."""
+    fs, path = storage.resolve(uri, s3_endpoint)
+    try:
+        if uri.lower().endswith(".csv"):
+            with fs.open_input_stream(path) as stream:
+                table = pacsv.read_csv(stream)
+        else:
+            table = pq.read_table(path, filesystem=fs)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DataError(f"cannot read manifest {uri}: {storage.first_line(exc)}") from None
+    missing = {"path", "label"} - set(table.column_names)
+    if missing:
+        raise DataError(f"manifest {uri} lacks column(s): {', '.join(sorted(missing))}")
+    if "relpath" not in table.column_names:
+        table = table.append_column("relpath", table["path"])
+    if "split" not in table.column_names:
+        splits = [assign_split(p) for p in table["relpath"].to_pylist()]
+        table = table.append_column("split", pa.array(splits, pa.string()))
+    table = table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+    return Manifest(table, _class_names(table, uri))
+
+
+def load_labeled(
+    uri: str, val_fraction: float = 0.1, test_fraction: float = 0.1, s3_endpoint: str | None = None
+) -> Manifest:
+    """A manifest file as written, or a labeled tree listed and split."""
+    if is_manifest(uri):
+        return read_manifest(uri, s3_endpoint)
+    return list_labeled_tree(uri, val_fraction, test_fraction, s3_endpoint)
+
+
+def decoded_dataset(
+    table: pa.Table,
+    class_names: tuple[str, ...],
+    image_size: int,
+    s3_endpoint: str | None = None,
+    rows_per_block: int = 64,
+):
+    """A Ray Dataset of decoded images ("image" uint8, "label" class index) from manifest rows.
+
+    Files that cannot be decoded are left out with a warning naming the file and the reason;
+    callers count them as `table.num_rows - dataset.count()`.
+    """
+    import ray
+
+    index = {name: i for i, name in enumerate(class_names)}
+    # One block per `rows_per_block` files: per-row overhead dominates Ray Data otherwise.
+    blocks = max(1, -(-table.num_rows // rows_per_block))
+    source = ray.data.from_arrow(table.select(["path", "label"])).repartition(blocks)
+    return source.map_batches(
+        _decode_batch,
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=0.5,
+        fn_kwargs={"image_size": image_size, "index": index, "s3_endpoint": s3_endpoint},
+    )
+
+
+def _decode_batch(
+    batch: pa.Table, image_size: int, index: dict[str, int], s3_endpoint: str | None
+) -> dict:
+    import numpy as np
+
+    from dogbread.images import ImageDecodeError, decode_image
+
+    # The filesystem is built here, on the worker, so credentials never travel in task payloads.
+    fs = None
+    images, labels = [], []
+    for path, label in zip(batch["path"].to_pylist(), batch["label"].to_pylist(), strict=True):
+        try:
+            fs = fs or storage.resolve(path, s3_endpoint)[0]
+            images.append(decode_image(storage.read_bytes(fs, storage.fs_path(path)), image_size))
+            labels.append(index[label])
+        except (ImageDecodeError, OSError) as exc:
+            log.warning("skipped %s: %s", path, str(exc).splitlines()[0] if str(exc) else exc)
+    shape = (len(images), image_size, image_size, 3)
+    return {
+        "image": np.stack(images) if images else np.zeros(shape, np.uint8),
+        "label": np.asarray(labels, np.int64),
+    }

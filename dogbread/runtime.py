@@ -1,0 +1,35 @@
+"""Joining or starting Ray, the one place that knows how.
+
+Jobs join an existing cluster when there is one (inside `ray job submit`, or RAY_ADDRESS set) and
+start a local Ray otherwise, so the same command runs on a laptop and on a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+# Workers must use tf-keras too, and must know it before TensorFlow is imported.
+WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def ensure_ray() -> bool:
+    """Connect to Ray; True when this call started it (so the caller shuts it down)."""
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        # A cluster's workers get WORKER_ENV from the job's runtime_env (cluster/runtime_env.yaml).
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(
+            runtime_env={"env_vars": WORKER_ENV},
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+    log.info("Ray %s: %s", "joined" if address else "started locally", ray.cluster_resources())
+    return True
