@@ -135,12 +135,13 @@ def run_command(args: argparse.Namespace) -> int:
 
         return predict.run(args.model, args.images, args.json, args.s3_endpoint)
     if args.command == "train":
+        config = None if args.resume else config_from_args(TrainConfig, args)
         from dogbread import train
 
-        if args.resume:
+        if config is None:
             train.resume(args.resume)
         else:
-            train.run(config_from_args(TrainConfig, args))
+            train.run(config)
         return 0
     if args.command == "evaluate":
         from dogbread import evaluate
@@ -148,9 +149,10 @@ def run_command(args: argparse.Namespace) -> int:
         evaluate.run(args.model, args.data, args.split, args.s3_endpoint)
         return 0
     if args.command == "label":
+        config = config_from_args(LabelConfig, args)
         from dogbread import label
 
-        label.run(config_from_args(LabelConfig, args))
+        label.run(config)
         return 0
     if args.command == "demo":
         from dogbread import demo

@@ -28,6 +28,10 @@ class SynthConfig:
     seed: int = 0
     classes: tuple[str, ...] = ("bread", "dog")
 
+    def __post_init__(self) -> None:
+        _require(self.per_class >= 1, "per_class must be at least 1")
+        _require(len(self.classes) >= 2, "at least two classes are needed")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -47,6 +51,21 @@ class TrainConfig:
     max_failures: int = 2  # worker failures Ray Train retries from the last checkpoint
     s3_endpoint: str | None = None
 
+    def __post_init__(self) -> None:
+        _require(self.workers >= 1, "workers must be at least 1")
+        _require(self.epochs >= 1, "epochs must be at least 1")
+        _require(self.batch_size >= self.workers, "batch_size must be at least the worker count")
+        _require(self.learning_rate > 0, "learning_rate must be positive")
+        # Three 3x3 convolutions with 2x2 pooling need at least 22 pixels; 32 leaves margin.
+        _require(self.image_size >= 32, "image_size must be at least 32")
+        _require(self.patience >= 1, "patience must be at least 1")
+        _require(self.max_failures >= 0, "max_failures must not be negative")
+        fractions = (self.val_fraction, self.test_fraction)
+        _require(
+            all(0 < f < 1 for f in fractions) and sum(fractions) < 1,
+            "val_fraction and test_fraction must be between 0 and 1 and leave a training split",
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class LabelConfig:
@@ -59,6 +78,17 @@ class LabelConfig:
     threshold: float | None = None  # below it the label is "uncertain"
     partition_by: str | None = None  # "label" writes Hive-style label=... folders
     s3_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "batch_size must be at least 1")
+        _require(self.actors >= 1, "actors must be at least 1")
+        _require(self.threshold is None or 0 <= self.threshold <= 1, "threshold must be in [0, 1]")
+        _require(self.partition_by in (None, "label"), "partition_by can only be label")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
 
 
 def load_config(
@@ -114,8 +144,11 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         raise ConfigError(f"{name} must be true or false, got {value!r}")
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
-    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+    if hint is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:  # YAML reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and isinstance(value, str | int | float) and not isinstance(value, bool):
         return str(value).strip()
     raise ConfigError(f"{name} must be {hint.__name__}, got {value!r}")

@@ -89,8 +89,8 @@ def list_labeled_tree(
     skipped = 0
     for path in paths:
         relpath = posixpath.relpath(path, root) if root != "/" else path.lstrip("/")
-        if "/" not in relpath or not is_image_name(path):
-            skipped += 1  # a file at the root has no class; not an image by its name
+        if "/" not in relpath or relpath.startswith(".") or not is_image_name(path):
+            skipped += 1  # at the root (no class), in a hidden folder, or not an image by name
             continue
         rows["path"].append(storage.to_uri(fs, path))
         rows["relpath"].append(relpath)
@@ -98,14 +98,14 @@ def list_labeled_tree(
         rows["split"].append(assign_split(relpath, val_fraction, test_fraction))
     if skipped:
         log.info("skipped %d non-image files under %s", skipped, uri)
-    table = pa.table(rows, schema=MANIFEST_SCHEMA)
-    class_names = _class_names(table, uri)
     # S3 has no empty folders; locally an empty class folder is a mistake worth stopping for.
     top = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    empty = sorted(i.base_name for i in top if i.type == pafs.FileType.Directory)
-    empty = [name for name in empty if name not in class_names and not name.startswith(".")]
+    folders = {i.base_name for i in top if i.type == pafs.FileType.Directory}
+    empty = sorted(f for f in folders - set(rows["label"]) if not f.startswith("."))
     if empty:
         raise DataError(f"class folder(s) with no images in {uri}: {', '.join(empty)}")
+    table = pa.table(rows, schema=MANIFEST_SCHEMA)
+    class_names = _class_names(table, uri)
     return Manifest(table, class_names, skipped)
 
 
@@ -136,8 +136,11 @@ def read_manifest(uri: str, s3_endpoint: str | None = None) -> Manifest:
     fs, path = storage.resolve(uri, s3_endpoint)
     try:
         if uri.lower().endswith(".csv"):
+            # Read our columns as text: a class folder named "01" must not become the number 1.
+            text = {name: pa.string() for name in MANIFEST_SCHEMA.names}
+            options = pacsv.ConvertOptions(column_types=text)
             with fs.open_input_stream(path) as stream:
-                table = pacsv.read_csv(stream)
+                table = pacsv.read_csv(stream, convert_options=options)
         else:
             table = pq.read_table(path, filesystem=fs)
     except (OSError, pa.ArrowInvalid) as exc:

@@ -31,7 +31,7 @@ def run(
         except (ImageDecodeError, OSError) as exc:
             failed += 1
             error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            row = {"path": uri, "label": None, "score": None, "error": error}
+            row = {"path": uri, "label": None, "score": None, "probabilities": None, "error": error}
             print(json.dumps(row) if as_json else f"error   {uri}  ({error})", file=out, flush=True)
             continue
         probabilities = predict_probabilities(model, image[np.newaxis])
