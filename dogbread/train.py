@@ -1,0 +1,388 @@
+"""`dogbread train`: data-parallel training of the CNN with Ray Train, then evaluation.
+
+Route: tf-keras (Keras 2) under tf.distribute.MultiWorkerMirroredStrategy inside Ray's
+TensorflowTrainer. Keras 3 fails under that strategy (ray-project/ray#47464,
+keras-team/keras#20585); tf-keras is what Ray's own TensorFlow examples use. Gradients are
+all-reduced every step, so every worker holds the same weights (tests/test_train.py checks).
+
+Batch size and learning rate: `batch_size` is the global batch. Each of N workers takes
+batch_size / N images per step, so one step sees the same number of images whatever N is, and the
+learning rate needs no scaling rule: it is used as configured for any worker count.
+
+The decoded splits are materialized once in Ray's object store (spilling to disk when large), so an
+epoch does not decode every JPEG again. Each epoch ends with a checkpoint (current weights, the best
+weights so far, the early-stopping state); a failed worker is restarted by Ray Train
+(FailureConfig) and training continues from the last checkpoint, as does `--resume RUN_DIR`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+from dogbread import data, evaluate, storage
+from dogbread.config import CONFIG_FILENAME, TrainConfig, dump_config, load_config
+from dogbread.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# dogbread.model (and so TensorFlow) is imported inside the functions that need it, so that a bad
+# config or a missing input fails in a fraction of a second, before TensorFlow loads.
+MANIFEST_FILENAME = "manifest.parquet"
+CURRENT_WEIGHTS, BEST_WEIGHTS, STATE = "current.weights.h5", "best.weights.h5", "state.json"
+# Test hook: the worker of rank 1 exits hard once, after training in this epoch and before its
+# checkpoint; the marker file records that it did.
+FAULT_EPOCH_ENV, FAULT_MARKER_ENV = "DOGBREAD_FAULT_EXIT_AT_EPOCH", "DOGBREAD_FAULT_MARKER"
+
+
+def run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train, evaluate on the test split, and write every artifact into config.out."""
+    manifest = data.load_labeled(
+        config.data, config.val_fraction, config.test_fraction, config.s3_endpoint
+    )
+    for split in ("train", "val"):
+        present = set(manifest.split(split)["label"].to_pylist())
+        if present != set(manifest.class_names):
+            missing = ", ".join(sorted(set(manifest.class_names) - present)) or "all"
+            raise DataError(f"the {split} split has no images of class(es): {missing}")
+    out = config.out
+    if not resume and storage.exists(storage.join(out, CONFIG_FILENAME), config.s3_endpoint):
+        raise DataError(f"{out} already holds a run: continue it with --resume {out}")
+    storage.check_writable(out, config.s3_endpoint)
+    storage.write_text(storage.join(out, CONFIG_FILENAME), dump_config(config), config.s3_endpoint)
+    data.write_manifest(manifest, storage.join(out, MANIFEST_FILENAME), config.s3_endpoint)
+
+    from dogbread.runtime import ensure_ray
+
+    started = ensure_ray()
+    try:
+        return _train_and_evaluate(config, manifest)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def resume(run_dir: str, s3_endpoint: str | None = None) -> dict[str, Any]:
+    """Continue a stopped run from its last checkpoint, with the config it was started with."""
+    config_uri = storage.join(run_dir, CONFIG_FILENAME)
+    if not storage.exists(config_uri, s3_endpoint):
+        raise DataError(f"no run to resume in {run_dir} (no {CONFIG_FILENAME})")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as tmp:
+        tmp.write(storage.read_text(config_uri, s3_endpoint))
+        tmp.flush()
+        config = load_config(TrainConfig, tmp.name)
+    return run(config, resume=True)
+
+
+def _train_and_evaluate(config: TrainConfig, manifest: data.Manifest) -> dict[str, Any]:
+    from dogbread.model import build_model
+
+    decoded = {}
+    skipped = {}
+    for split in data.SPLITS:
+        table = manifest.split(split)
+        dataset = data.decoded_dataset(
+            table, manifest.class_names, config.image_size, config.s3_endpoint
+        ).materialize()
+        decoded[split] = dataset
+        skipped[split] = table.num_rows - dataset.count()
+    if sum(skipped.values()):
+        log.warning("skipped %s unreadable images (train/val/test)", skipped)
+    if decoded["train"].count() < config.workers:
+        raise DataError(f"only {decoded['train'].count()} readable training images")
+
+    result = _fit(config, manifest, decoded)
+    state = result["state"]
+    model = build_model(_model_config(config, manifest))
+    model.load_weights(result["best_weights"])
+    metrics = evaluate.evaluate_decoded(
+        model, decoded["test"], manifest.class_names, manifest.split("test").num_rows
+    )
+    metrics.update(
+        skipped_unreadable=skipped,
+        best_epoch=state["best_epoch"],
+        epochs_run=state["epoch"],
+        best_val_loss=state["best_val_loss"],
+        resumed_after_epochs=state["resumed_after_epochs"],
+        workers=state["workers"],
+        history=state["history"],
+    )
+    print(evaluate.format_metrics(metrics))
+    _write_artifacts(config, manifest, model, metrics, state["history"], result["tensorboard"])
+    return metrics
+
+
+def _model_config(config: TrainConfig, manifest: data.Manifest) -> Any:
+    from dogbread.model import ModelConfig
+
+    return ModelConfig(
+        image_size=config.image_size,
+        num_classes=len(manifest.class_names),
+        augment=config.augment,
+        learning_rate=config.learning_rate,
+    )
+
+
+def _fit(config: TrainConfig, manifest: data.Manifest, decoded: dict) -> dict[str, Any]:
+    """Run the TensorflowTrainer; returns the final state and the best weights (local files)."""
+    import ray.train
+    from ray.train.tensorflow import TensorflowTrainer
+
+    fs, path = storage.resolve(config.out, config.s3_endpoint)
+    trainer = TensorflowTrainer(
+        _train_loop,
+        train_loop_config={
+            "model": dataclasses.asdict(_model_config(config, manifest)),
+            "epochs": config.epochs,
+            "batch_size": config.batch_size,
+            "patience": config.patience,
+            "seed": config.seed,
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
+        run_config=ray.train.RunConfig(
+            # The same name and storage on --resume is what makes Ray Train restore the run.
+            name="checkpoints",
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": decoded["train"], "val": decoded["val"]},
+    )
+    result = trainer.fit()
+    local = tempfile.mkdtemp(prefix="dogbread-best-")
+    result.checkpoint.to_directory(local)
+    with open(os.path.join(local, STATE)) as f:
+        state = json.load(f)
+    return {
+        "state": state,
+        "best_weights": os.path.join(local, BEST_WEIGHTS),
+        "tensorboard": os.path.join(local, "tensorboard"),
+    }
+
+
+def _train_loop(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray
+    import ray.train
+    import tensorflow as tf
+
+    from dogbread.model import ModelConfig, build_model
+
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        model = build_model(ModelConfig(**loop_config["model"]))
+
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "best_epoch": 0,
+        "best_val_loss": math.inf,
+        "history": [],
+        "resumed_after_epochs": [],
+    }
+    work = tempfile.mkdtemp(prefix="dogbread-train-")
+    best_path = os.path.join(work, BEST_WEIGHTS)
+    tensorboard = os.path.join(work, "tensorboard")
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            model.load_weights(os.path.join(directory, CURRENT_WEIGHTS))
+            shutil.copy(os.path.join(directory, BEST_WEIGHTS), best_path)
+            with open(os.path.join(directory, STATE)) as f:
+                state = json.load(f)
+            if os.path.isdir(os.path.join(directory, "tensorboard")):
+                shutil.copytree(os.path.join(directory, "tensorboard"), tensorboard)
+        state["resumed_after_epochs"].append(state["epoch"])
+        print(f"[rank {rank}] resumed from the checkpoint of epoch {state['epoch']}", flush=True)
+    # Where the workers run: (node rank, GPUs Ray assigned) per worker, for the run's record.
+    placement = [context.get_node_rank(), len(ray.get_gpu_ids())]
+    state["workers"] = [
+        {"node_rank": int(node), "gpus": int(gpus)}
+        for node, gpus in _gather(strategy, context, placement)
+    ]
+
+    per_worker_batch = max(1, loop_config["batch_size"] // context.get_world_size())
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    writer = tf.summary.create_file_writer(tensorboard) if rank == 0 else None
+    for epoch in range(state["epoch"] + 1, loop_config["epochs"] + 1):
+        start = time.perf_counter()
+        train_tf = train_shard.to_tf(
+            "image",
+            "label",
+            batch_size=per_worker_batch,
+            local_shuffle_buffer_size=4 * per_worker_batch,
+            local_shuffle_seed=loop_config["seed"] + epoch,
+        )
+        history = model.fit(train_tf, epochs=1, verbose=0)
+        _maybe_inject_fault(epoch, rank)
+        # Both the training metrics (reduced by the strategy) and the validation metrics (summed
+        # by _validate) are the same on every worker, so all take the same early-stopping
+        # decision and none is left waiting alone in a collective.
+        metrics = {k: float(v[-1]) for k, v in history.history.items()}
+        metrics.update(_validate(strategy, context, model, val_shard, per_worker_batch))
+        metrics.update(epoch=epoch, seconds=round(time.perf_counter() - start, 3))
+        # Evidence that data parallelism really synchronizes: every worker's weight digest,
+        # gathered through the same collective that all-reduces the gradients.
+        metrics["worker_weight_digests"] = _weight_digests(strategy, context, model)
+        state["history"].append(metrics)
+        state["epoch"] = epoch
+        if metrics["val_loss"] < state["best_val_loss"]:
+            state.update(best_epoch=epoch, best_val_loss=metrics["val_loss"])
+            model.save_weights(best_path)
+        if writer is not None:
+            with writer.as_default(step=epoch):
+                for key, value in metrics.items():
+                    if isinstance(value, float):
+                        tf.summary.scalar(key, value)
+            writer.flush()
+        print(f"[rank {rank}] epoch {epoch}: {_format_epoch(metrics)}", flush=True)
+        with tempfile.TemporaryDirectory() as directory:
+            # Every worker saves (saving may need all replicas); only rank 0's copy is kept.
+            model.save_weights(os.path.join(directory, CURRENT_WEIGHTS))
+            shutil.copy(best_path, os.path.join(directory, BEST_WEIGHTS))
+            with open(os.path.join(directory, STATE), "w") as f:
+                json.dump(state, f)
+            if rank == 0:
+                shutil.copytree(tensorboard, os.path.join(directory, "tensorboard"))
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None,
+                checkpoint_dir_name=f"epoch_{epoch:04d}",
+            )
+        if epoch - state["best_epoch"] >= loop_config["patience"]:
+            print(
+                f"[rank {rank}] early stop: no better val_loss since epoch {state['best_epoch']}",
+                flush=True,
+            )
+            break
+
+
+def _gather(strategy: Any, context: Any, values: list[float]) -> list[list[float]]:
+    """Every worker's `values`, in rank order, through a real collective.
+
+    Each worker fills its own row of a zero matrix and the rows are SUM-all-reduced, the same
+    operation that averages the gradients; every worker gets the same result. float64 holds
+    ints below 2**53 exactly.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    rows = np.zeros((context.get_world_size(), len(values)), np.float64)
+    rows[context.get_world_rank()] = values
+    gathered = strategy.reduce(
+        tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(rows)), axis=None
+    )
+    return gathered.numpy().tolist()
+
+
+def _validate(strategy: Any, context: Any, model: Any, shard: Any, batch_size: int) -> dict:
+    """Validation loss and accuracy over all workers' shards.
+
+    Computed by hand rather than with fit(validation_data=...): tf-keras's distributed evaluate
+    failed here on a worker whose last batch held a single image.
+    """
+    import numpy as np
+    import tf_keras as keras
+
+    per_sample_loss = keras.losses.get(model.loss)
+    loss_sum = correct = count = 0.0
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        probabilities = model(batch["image"], training=False).numpy()
+        labels = batch["label"]
+        if probabilities.shape[-1] == 1:  # sigmoid head
+            targets = labels.reshape(-1, 1).astype(np.float32)
+            predicted = (probabilities[:, 0] >= 0.5).astype(np.int64)
+        else:
+            targets, predicted = labels, np.argmax(probabilities, axis=1)
+        loss_sum += float(np.sum(per_sample_loss(targets, probabilities).numpy()))
+        correct += float(np.sum(predicted == labels))
+        count += len(labels)
+    totals = np.sum(_gather(strategy, context, [loss_sum, correct, count]), axis=0)
+    # Keras's val_loss includes the L2 penalties; so does ours, to stay comparable.
+    regularization = float(sum(loss.numpy() for loss in model.losses))
+    return {
+        "val_loss": float(totals[0] / max(totals[2], 1) + regularization),
+        "val_accuracy": float(totals[1] / max(totals[2], 1)),
+    }
+
+
+def _weight_digests(strategy: Any, context: Any, model: Any) -> list[str]:
+    """The md5 (first 96 bits) of every worker's weights: identical when they are in sync."""
+    digest = hashlib.md5()
+    for weight in model.get_weights():
+        digest.update(weight.tobytes())
+    pieces = [int(digest.hexdigest()[i : i + 8], 16) for i in range(0, 24, 8)]
+    rows = _gather(strategy, context, pieces)
+    return ["".join(f"{int(v):08x}" for v in row) for row in rows]
+
+
+def _format_epoch(metrics: dict[str, float]) -> str:
+    keys = ("loss", "accuracy", "val_loss", "val_accuracy", "seconds")
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
+
+
+def _maybe_inject_fault(epoch: int, rank: int) -> None:
+    marker = os.environ.get(FAULT_MARKER_ENV)
+    if rank != 1 or not marker or str(epoch) != os.environ.get(FAULT_EPOCH_ENV):
+        return
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        print(f"[rank {rank}] fault injection: exiting in epoch {epoch}", flush=True)
+        os._exit(1)
+
+
+def _write_artifacts(
+    config: TrainConfig,
+    manifest: data.Manifest,
+    model: Any,
+    metrics: dict[str, Any],
+    history: list[dict[str, float]],
+    tensorboard_dir: str,
+) -> None:
+    from dogbread.model import MODEL_FILENAME, ModelCard, save_model
+
+    out, endpoint = config.out, config.s3_endpoint
+    fingerprint = hashlib.sha256()
+    for row in manifest.table.select(["relpath", "label", "split"]).to_pylist():
+        fingerprint.update(json.dumps(row, sort_keys=True).encode())
+    card = ModelCard(
+        class_names=manifest.class_names,
+        image_size=config.image_size,
+        parameter_count=model.count_params(),
+        data_fingerprint=fingerprint.hexdigest()[:16],
+        metrics={k: metrics[k] for k in ("accuracy", "precision", "recall", "images")},
+    )
+    card = save_model(model, card, out, endpoint)
+    metrics["model_version"] = card.model_version
+    storage.write_text(storage.join(out, "metrics.json"), json.dumps(metrics, indent=2), endpoint)
+    buffer = io.StringIO()
+    fields = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(history)
+    storage.write_text(storage.join(out, "history.csv"), buffer.getvalue(), endpoint)
+    evaluate.plot_curves(history, storage.join(out, "curves.png"), endpoint)
+    evaluate.plot_confusion(metrics, storage.join(out, "confusion_matrix.png"), endpoint)
+    if os.path.isdir(tensorboard_dir):
+        fs, path = storage.resolve(storage.join(out, "tensorboard"), endpoint)
+        import pyarrow.fs as pafs
+
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(tensorboard_dir, path, destination_filesystem=fs)
+    log.info("run written to %s (model %s)", out, card.model_version)
+    print(f"model written to {storage.join(out, MODEL_FILENAME)}")

@@ -1,0 +1,141 @@
+"""Training with Ray Train on a real local Ray: synchronization, artifacts, bad input, learning."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from dogbread import train
+from dogbread.config import TrainConfig
+from dogbread.errors import DataError
+from dogbread.model import ModelCard, load_model
+
+from .conftest import SMALL
+
+pytestmark = pytest.mark.slow
+
+
+def small_config(data: str, out: Path, **overrides) -> TrainConfig:
+    values = dict(data=data, out=str(out), epochs=3, image_size=SMALL, batch_size=16, patience=5)
+    return TrainConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tree_with_bad_files(synthetic_tree: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The synthetic tree plus three files that cannot be decoded and one that is not an image."""
+    root = tmp_path_factory.mktemp("tree") / "data"
+    shutil.copytree(synthetic_tree, root)
+    (root / "bread" / "empty.jpg").write_bytes(b"")
+    (root / "dog" / "random.jpg").write_bytes(bytes(range(256)) * 4)
+    good = next((root / "dog").glob("*.jpg")).read_bytes()
+    (root / "dog" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (root / "dog" / "notes.txt").write_text("not an image")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_local, tree_with_bad_files: str, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("runs") / "two"
+    metrics = train.run(small_config(tree_with_bad_files, out, workers=2, epochs=8))
+    return out, metrics
+
+
+def test_two_workers_hold_identical_weights_after_every_epoch(two_worker_run):
+    _, metrics = two_worker_run
+    assert len(metrics["history"]) == 8
+    for row in metrics["history"]:
+        digests = row["worker_weight_digests"]
+        assert len(digests) == 2 and digests[0] == digests[1], row
+    # ...and the weights do change: training happened.
+    assert len({row["worker_weight_digests"][0] for row in metrics["history"]}) == 8
+
+
+def test_run_dir_holds_model_card_metrics_curves_and_config(two_worker_run, tree_with_bad_files):
+    out, metrics = two_worker_run
+    model, card = load_model(str(out))
+    assert isinstance(card, ModelCard)
+    assert card.class_names == ("bread", "dog")
+    assert card.image_size == SMALL and card.parameter_count == model.count_params()
+    assert card.versions.keys() == {"dogbread", "tensorflow", "ray"}
+    assert len(card.model_version) == 12 and len(card.data_fingerprint) == 16
+
+    saved = json.loads((out / "metrics.json").read_text())
+    test_rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    test_files = [r for r in test_rows if r["split"] == "test"]
+    unreadable_in_test = sum(
+        r["relpath"].endswith(("empty.jpg", "random.jpg", "truncated.jpg")) for r in test_files
+    )
+    assert saved["images"] == len(test_files) - unreadable_in_test
+    assert sum(map(sum, saved["confusion_matrix"])) == saved["images"]
+    assert {"accuracy", "precision", "recall", "per_class"} <= saved.keys()
+    assert saved["model_version"] == card.model_version
+
+    history = list(csv.DictReader((out / "history.csv").open()))
+    assert [int(r["epoch"]) for r in history] == list(range(1, 9))
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= history[0].keys()
+    for png in ("curves.png", "confusion_matrix.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["workers"] == 2 and resolved["image_size"] == SMALL
+    assert metrics["workers"] == [{"node_rank": 0, "gpus": 0}, {"node_rank": 0, "gpus": 0}]
+
+
+def test_unreadable_training_images_are_skipped_and_counted(two_worker_run):
+    out, metrics = two_worker_run
+    # Three broken files in the tree; the .txt is not an image and never enters the manifest.
+    assert sum(metrics["skipped_unreadable"].values()) == 3
+    relpaths = [r["relpath"] for r in pq.read_table(out / "manifest.parquet").to_pylist()]
+    assert "dog/notes.txt" not in relpaths and "dog/truncated.jpg" in relpaths
+
+
+def test_best_epoch_weights_are_the_saved_ones(two_worker_run):
+    _, metrics = two_worker_run
+    val_losses = [row["val_loss"] for row in metrics["history"]]
+    assert metrics["best_epoch"] == 1 + val_losses.index(min(val_losses))
+    assert metrics["best_val_loss"] == pytest.approx(min(val_losses))
+
+
+def test_two_workers_learn_as_well_as_one(ray_local, two_worker_run, synthetic_tree, tmp_path):
+    _, two = two_worker_run
+    one = train.run(small_config(synthetic_tree, tmp_path / "one", workers=1, epochs=8))
+    assert one["accuracy"] >= 0.8 and two["accuracy"] >= 0.8
+    assert abs(one["accuracy"] - two["accuracy"]) <= 0.15
+
+
+def test_a_finished_run_dir_is_not_overwritten(two_worker_run, tree_with_bad_files):
+    out, _ = two_worker_run
+    before = (out / "model.keras").read_bytes()
+    with pytest.raises(DataError, match="--resume"):
+        train.run(small_config(tree_with_bad_files, out))
+    assert (out / "model.keras").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({}, "no images found"),
+        ({"bread": 3}, "only one class"),
+        ({"bread": 3, "dog": 0}, "no images"),
+    ],
+)
+def test_unusable_trees_fail_before_ray_starts(tmp_path, layout, message):
+    from dogbread.synth import write_synthetic_tree
+
+    root = tmp_path / "data"
+    root.mkdir()
+    for name, count in layout.items():
+        (root / name).mkdir()
+        if count:
+            write_synthetic_tree(tmp_path / "src", count)
+            for f in (tmp_path / "src" / "bread").iterdir():
+                shutil.copy(f, root / name / f.name)
+    with pytest.raises(DataError, match=message):
+        train.run(small_config(str(root), tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

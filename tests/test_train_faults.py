@@ -1,0 +1,114 @@
+"""Training that survives: a dying worker, a killed driver, GPU workers on several nodes.
+
+Each test starts the Ray it needs (a fault-injecting runtime env, a multi-node cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from dogbread import train
+from dogbread.runtime import WORKER_ENV
+
+from .test_train import small_config
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_worker_dying_in_epoch_2_resumes_from_the_epoch_1_checkpoint(
+    synthetic_tree, tmp_path, capfd
+):
+    marker = tmp_path / "fault-happened"
+    fault = {train.FAULT_EPOCH_ENV: "2", train.FAULT_MARKER_ENV: str(marker)}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {**WORKER_ENV, **fault}})
+    try:
+        metrics = train.run(small_config(synthetic_tree, tmp_path / "run", workers=2, epochs=3))
+    finally:
+        ray.shutdown()
+    assert marker.exists(), "the worker did not die"
+    assert metrics["resumed_after_epochs"] == [1]
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3]
+    assert "resumed from the checkpoint of epoch 1" in capfd.readouterr().out
+    assert (tmp_path / "run" / "model.keras").exists()
+
+
+def test_gpu_workers_are_placed_one_per_node(synthetic_tree, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, num_gpus=1)
+    ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV})
+    try:
+        config = small_config(synthetic_tree, tmp_path / "run", workers=2, use_gpu=True, epochs=2)
+        metrics = train.run(config)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    # TensorFlow finds no real GPU here and trains on the CPU, but Ray gave each worker one.
+    assert sorted(w["node_rank"] for w in metrics["workers"]) == [0, 1]
+    assert [w["gpus"] for w in metrics["workers"]] == [1, 1]
+    assert len(metrics["history"]) == 2
+
+
+def test_resume_continues_a_killed_run_from_its_last_checkpoint(synthetic_tree, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "dogbread",
+        "train",
+        "--data",
+        synthetic_tree,
+        "--out",
+        str(run_dir),
+        "--workers",
+        "1",
+        "--epochs",
+        "4",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "16",
+        "--patience",
+        "9",
+    ]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    first = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while not (run_dir / "checkpoints" / "epoch_0002").exists():
+        assert first.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    first.wait()
+    assert not (run_dir / "model.keras").exists()
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "dogbread", "train", "--resume", str(run_dir)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["resumed_after_epochs"] and metrics["resumed_after_epochs"][0] >= 2
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3, 4]
