@@ -53,21 +53,20 @@ def _jitter(rgb: Rgb, rng: np.random.Generator, spread: float) -> np.ndarray:
 
 
 def _background(w: int, h: int, colour: Rgb, rng: np.random.Generator) -> Image.Image:
-    kind = rng.integers(3)
-    if kind == 0:  # a flat wall or tablecloth
+    if rng.random() < 0.4:  # a flat wall or tablecloth
         return Image.new("RGB", (w, h), colour)
     # A coarse grid of colours, smoothly upscaled: cheap, and any size comes out the same way.
-    gw, gh = int(rng.integers(3, 10)), int(rng.integers(3, 10))
-    if kind == 1:  # a linear gradient in a random direction, like uneven lighting
+    # Gentle on purpose: the object, not the background, should hold the strongest edges.
+    gw, gh = int(rng.integers(2, 6)), int(rng.integers(2, 6))
+    if rng.random() < 0.5:  # a linear gradient in a random direction, like uneven lighting
         angle = rng.uniform(0, 2 * math.pi)
         t = np.add.outer(np.linspace(0, math.sin(angle), gh), np.linspace(0, math.cos(angle), gw))
         t = ((t - t.min()) / max(float(np.ptp(t)), 1e-6))[..., None]
-        start, end = _jitter(colour, rng, 20), _jitter(colour, rng, 35)
-        grid = start * (1 - t) + end * t
+        grid = _jitter(colour, rng, 12) * (1 - t) + _jitter(colour, rng, 20) * t
     else:  # low-frequency blotches
-        grid = np.stack([_jitter(colour, rng, 25) for _ in range(gw * gh)]).reshape(gh, gw, 3)
+        grid = np.stack([_jitter(colour, rng, 12) for _ in range(gw * gh)]).reshape(gh, gw, 3)
     small = Image.fromarray(np.round(grid).astype(np.uint8))
-    return small.resize((w, h), Image.Resampling.BICUBIC)
+    return small.resize((w, h), Image.Resampling.BILINEAR)
 
 
 Points = list[tuple[float, float]]
@@ -103,7 +102,6 @@ class _Pen:
         unit: float,
         degrees: float,
         colour: Rgb,
-        rng: np.random.Generator,
     ) -> None:
         self.draw = ImageDraw.Draw(canvas)
         self.cx, self.cy = centre
@@ -111,10 +109,11 @@ class _Pen:
         self.cos, self.sin = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
         self.colour = colour
         # The detail colour (scores, tuft, paws) and the outline derive from the object colour
-        # the same way for every class, so they carry no label information either.
-        self.detail = _mix(colour, 255 if _luma(colour) < 0.5 else 0, 0.6)
-        self.outline = _mix(colour, 0, 0.5) if rng.random() < 0.5 else None
-        self.outline_width = max(1, round(0.04 * unit))
+        # the same way for every class, so they carry no label information either. The outline
+        # is thick enough to survive shrinking the image to 64 pixels.
+        self.detail = _mix(colour, 255 if _luma(colour) < 0.5 else 0, 0.65)
+        self.outline = _mix(colour, 0, 0.55)
+        self.outline_width = max(2, round(0.06 * unit))
 
     def _map(self, points: Points) -> Points:
         c, s, u = self.cos, self.sin, self.unit
@@ -130,32 +129,34 @@ class _Pen:
 
 
 def _bread(pen: _Pen, rng: np.random.Generator) -> None:
-    # An elongated rounded loaf with parallel diagonal score slashes across its top.
-    b = rng.uniform(0.42, 0.58)
-    pen.fill(_rounded_rect(-1, -b, 1, b, b * rng.uniform(0.6, 1.0)))
-    slant = rng.choice([-1, 1]) * rng.uniform(0.3, 0.6) * b
-    for x in np.linspace(-0.55, 0.55, int(rng.integers(3, 6))):
-        pen.stroke([(x - slant, -0.55 * b), (x + slant, 0.55 * b)], 0.16 * b, pen.detail)
+    # A long loaf, 2.5-3.2 times as long as it is tall, with bold parallel score slashes on top.
+    # Its area matches the corgi's, so the amount of object colour does not give the label away.
+    b = rng.uniform(0.34, 0.44)
+    pen.fill(_rounded_rect(-1.1, -b, 1.1, b, b * rng.uniform(0.7, 1.0)))
+    slant = rng.choice([-1, 1]) * rng.uniform(0.25, 0.5) * b
+    for x in (-0.55, 0, 0.55):
+        pen.stroke([(x - slant, -0.5 * b), (x + slant, 0.5 * b)], 0.12, pen.detail)
 
 
 def _dog(pen: _Pen, rng: np.random.Generator) -> None:
-    # A corgi from behind: two short legs, two overlapping round cheeks, a fluffy tail tuft.
-    r, cy = 0.52, -0.1
-    s = r * rng.uniform(0.7, 0.88)  # cheek centres closer than 2r, so the cheeks overlap
-    leg, leg_x = 0.24 * r, s * rng.uniform(0.8, 1.05)
-    bottom = cy + r * rng.uniform(1.3, 1.5)
+    # A corgi from behind: two thick short legs, two big round cheeks side by side with a cleft
+    # between them, and a fluffy tail tuft on top. About as tall as it is wide.
+    r = rng.uniform(0.42, 0.47)
+    s = r * rng.uniform(0.82, 0.92)  # cheek centres closer than 2r, so the cheeks overlap
+    leg, leg_x = rng.uniform(0.16, 0.2), s * rng.uniform(0.85, 1.0)
+    bottom = r * rng.uniform(1.8, 2.0)
     for x in (-leg_x, leg_x):
-        pen.fill(_rounded_rect(x - leg, cy, x + leg, bottom, 0.6 * leg))
-        paw = _rounded_rect(x - leg, bottom - 0.6 * leg, x + leg, bottom, 0.5 * leg)
+        pen.fill(_rounded_rect(x - leg, 0, x + leg, bottom, 0.6 * leg))
+        paw = _rounded_rect(x - leg, bottom - leg, x + leg, bottom, 0.5 * leg)
         pen.fill(paw, pen.detail, outline=False)
     for x in (-s, s):
-        pen.fill(_ellipse(x, cy, r))
+        pen.fill(_ellipse(x, 0, r))
     half_lens = math.sqrt(r * r - s * s)  # half the height of the overlap of the cheeks
-    pen.stroke([(0, cy - 0.3 * half_lens), (0, cy + 0.95 * half_lens)], 0.05, pen.detail)
-    tuft_y = cy - 0.95 * r
-    for _ in range(int(rng.integers(5, 9))):
-        x, y = rng.uniform(-0.14, 0.14), tuft_y + rng.uniform(-0.1, 0.06)
-        pen.fill(_ellipse(x, y, rng.uniform(0.08, 0.14)), pen.detail, outline=False)
+    pen.stroke([(0, -0.2 * half_lens), (0, 1.1 * half_lens)], 0.09, pen.detail)
+    tuft_y = -0.95 * r
+    for _ in range(int(rng.integers(6, 9))):
+        x, y = rng.uniform(-0.15, 0.15), tuft_y + rng.uniform(-0.12, 0.05)
+        pen.fill(_ellipse(x, y, rng.uniform(0.12, 0.18)), pen.detail, outline=False)
 
 
 def _triangle(pen: _Pen, rng: np.random.Generator) -> None:
@@ -187,9 +188,9 @@ def _cross(pen: _Pen, rng: np.random.Generator) -> None:
 
 Shape = Callable[[_Pen, np.random.Generator], None]
 
-# (shape, largest rotation in degrees). The corgi stays roughly upright, as in real photos;
-# bread and the extra shapes may lie at any angle.
-_CLASSES: tuple[tuple[Shape, float], ...] = ((_bread, 180), (_dog, 30))
+# (shape, largest rotation in degrees). Bread and corgi both stay roughly level, as in most
+# photos, so the loaf's length and the corgi's legs-below-cheeks layout stay easy to see.
+_CLASSES: tuple[tuple[Shape, float], ...] = ((_bread, 25), (_dog, 25))
 _EXTRA: tuple[tuple[Shape, float], ...] = ((_triangle, 180), (_ring, 0), (_star, 180), (_cross, 45))
 
 
@@ -212,18 +213,20 @@ def draw_image(class_index: int, rng: np.random.Generator) -> Image.Image:
     back, front = _colour_pair(rng)
     canvas = _background(w, h, back, rng)
 
-    # The object's unrotated [-1, 1] box spans 36-80% of the short side of the frame.
-    unit = rng.uniform(0.18, 0.4) * min(w, h)
-    centre = rng.uniform(unit, w - unit), rng.uniform(unit, h - unit)
+    # The object is big and near the middle: the loaf's length or the corgi's width is 55-85% of
+    # the short side of the frame, so its outline survives shrinking the image to 64 pixels.
+    unit = rng.uniform(0.3, 0.38) * min(w, h)
+    slack = 0.08 * min(w, h)
+    centre = w / 2 + rng.uniform(-slack, slack), h / 2 + rng.uniform(-slack, slack)
     degrees = rng.uniform(-max_rotation, max_rotation)
-    shape(_Pen(canvas, centre, unit, degrees, front, rng), rng)
+    shape(_Pen(canvas, centre, unit, degrees, front), rng)
 
-    if rng.random() < 0.3:  # a slightly out-of-focus camera
+    if rng.random() < 0.2:  # a slightly out-of-focus camera
         canvas = canvas.filter(ImageFilter.BoxBlur(rng.uniform(0.5, 1.0)))
-    # Sensor noise. Blending in uniform random bytes (std up to ~7 levels; it also washes out
+    # Sensor noise. Blending in uniform random bytes (std up to ~4 levels; it also washes out
     # contrast a little) runs in C: Gaussian noise in numpy took longer than the whole drawing.
     noise = Image.frombytes("RGB", (w, h), rng.bytes(w * h * 3))
-    return Image.blend(canvas, noise, rng.uniform(0.0, 0.1))
+    return Image.blend(canvas, noise, rng.uniform(0.0, 0.05))
 
 
 def _check_classes(classes: tuple[str, ...]) -> None:

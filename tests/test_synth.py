@@ -125,6 +125,39 @@ def test_shape_does_give_the_label_away(bread_and_dogs) -> None:
     assert _centroid_accuracy(features, labels) > 0.75
 
 
+def _ridge_accuracy(features: np.ndarray, labels: np.ndarray, penalty: float = 10.0) -> float:
+    """Fit a ridge-regression linear classifier on even rows, score it on odd rows."""
+    train = np.arange(len(labels)) % 2 == 0
+    x = np.c_[features, np.ones(len(features))]
+    a, y = x[train], 2.0 * labels[train] - 1
+    weights = np.linalg.solve(a.T @ a + penalty * np.eye(x.shape[1]), a.T @ y)
+    return float(((x[~train] @ weights > 0) == labels[~train]).mean())
+
+
+def _edge_layout(image: Image.Image, cells: int = 16) -> np.ndarray:
+    """Where the edges are: edge strength on a coarse grid of the image squashed to 64x64.
+
+    Edge strength ignores which side is brighter, so it sees outlines whatever the colours, and
+    the map sums to 1, so how much edge there is in all does not count, only where it is.
+    """
+    grey = np.asarray(image.convert("L").resize((64, 64), Image.Resampling.BILINEAR), np.float32)
+    gy, gx = np.gradient(grey)
+    step = 64 // cells
+    layout = np.hypot(gx, gy).reshape(cells, step, cells, step).sum((1, 3)).ravel()
+    return layout / layout.sum()
+
+
+def test_coarse_layout_gives_the_label_away(bread_and_dogs) -> None:
+    # A cheap proxy for "the seed CNN learns this within a few epochs at 64x64": a linear model
+    # on a 16x16 map of where the outlines are, with no invariance to position or rotation, tells
+    # the classes apart. It scores ~0.9 here; the earlier generator, whose small objects at any
+    # angle roamed the frame, scored ~0.55, and the CNN reached only ~0.6 on it.
+    images, labels = bread_and_dogs
+    features = np.stack([_edge_layout(image) for image in images])
+    features = (features - features.mean(0)) / (features.std(0) + 1e-9)
+    assert _ridge_accuracy(features, labels) > 0.8
+
+
 def test_leaves_other_files_alone(tmp_path: Path) -> None:
     (tmp_path / "bread").mkdir()
     mine = tmp_path / "bread" / "bread_00000.jpg"
