@@ -208,10 +208,12 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 shutil.copytree(os.path.join(directory, "tensorboard"), tensorboard)
         state["resumed_after_epochs"].append(state["epoch"])
         print(f"[rank {rank}] resumed from the checkpoint of epoch {state['epoch']}", flush=True)
-    # Where the workers run: (node rank, GPUs Ray assigned) per worker, for the run's record.
-    placement = [context.get_node_rank(), len(ray.get_gpu_ids())]
+    # Where the workers run: (Ray node id, GPUs Ray assigned) per worker, for the run's record.
+    # The node id, not Train's node rank: nodes that share an IP share a node rank.
+    node_id = ray.get_runtime_context().get_node_id()
+    placement = [int(node_id[:12], 16), len(ray.get_gpu_ids())]  # 48 bits: exact in float64
     state["workers"] = [
-        {"node_rank": int(node), "gpus": int(gpus)}
+        {"node": f"{int(node):012x}", "gpus": int(gpus)}
         for node, gpus in _gather(strategy, context, placement)
     ]
 

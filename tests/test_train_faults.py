@@ -52,11 +52,13 @@ def test_gpu_workers_are_placed_one_per_node(synthetic_tree, tmp_path):
     try:
         config = small_config(synthetic_tree, tmp_path / "run", workers=2, use_gpu=True, epochs=2)
         metrics = train.run(config)
+        nodes = ray.nodes()
     finally:
         ray.shutdown()
         cluster.shutdown()
     # TensorFlow finds no real GPU here and trains on the CPU, but Ray gave each worker one.
-    assert sorted(w["node_rank"] for w in metrics["workers"]) == [0, 1]
+    gpu_nodes = {n["NodeID"][:12] for n in nodes if n["Resources"].get("GPU")}
+    assert {w["node"] for w in metrics["workers"]} == gpu_nodes and len(gpu_nodes) == 2
     assert [w["gpus"] for w in metrics["workers"]] == [1, 1]
     assert len(metrics["history"]) == 2
 
