@@ -30,6 +30,8 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
+
 from dogbread import data, evaluate, storage
 from dogbread.config import CONFIG_FILENAME, TrainConfig, dump_config, load_config
 from dogbread.errors import DataError
@@ -93,15 +95,22 @@ def _train_and_evaluate(config: TrainConfig, manifest: data.Manifest) -> dict[st
     skipped = {}
     for split in data.SPLITS:
         table = manifest.split(split)
+        if split == "train":
+            # Listings are sorted, so class folders come one after another; the shuffle buffer
+            # per epoch is far smaller than a class, so mix the rows once here (seeded).
+            order = np.random.default_rng(config.seed).permutation(table.num_rows)
+            table = table.take(order)
         dataset = data.decoded_dataset(
             table, manifest.class_names, config.image_size, config.s3_endpoint
         ).materialize()
-        decoded[split] = dataset
+        # A new block order every epoch (the blocks stay in the object store; only order changes).
+        decoded[split] = dataset.randomize_block_order() if split == "train" else dataset
         skipped[split] = table.num_rows - dataset.count()
     if sum(skipped.values()):
         log.warning("skipped %s unreadable images (train/val/test)", skipped)
-    if decoded["train"].count() < config.workers:
-        raise DataError(f"only {decoded['train'].count()} readable training images")
+    readable = manifest.split("train").num_rows - skipped["train"]
+    if readable < config.workers:
+        raise DataError(f"only {readable} readable training images")
 
     result = _fit(config, manifest, decoded)
     state = result["state"]
