@@ -89,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-out", help="where the demo writes (default: demo-out)")
     p.add_argument("--s3", action="store_true", help="go through a local SeaweedFS S3 server")
     p.add_argument("--images", type=int, default=2000, help="images to label")
+
+    p = sub.add_parser("submit", help="run train or label on a Ray cluster, following its logs")
+    p.add_argument("job", choices=["train", "label"])
+    p.add_argument(
+        "args",
+        nargs=argparse.REMAINDER,
+        help="the job's flags, plus --address http://HEAD:8265, --working-dir, --runtime-env "
+        "(see `dogbread submit train --help`)",
+    )
     return parser
 
 
@@ -158,4 +167,8 @@ def run_command(args: argparse.Namespace) -> int:
         from dogbread import demo
 
         return demo.run(args.out, s3=args.s3, images=args.images)
+    if args.command == "submit":
+        from dogbread import submit
+
+        return submit.main(args.job, args.args)
     raise AssertionError(args.command)
