@@ -72,7 +72,7 @@ class LabelConfig:
     model: str
     input: str  # a folder, s3://bucket/prefix, or a manifest (.csv/.parquet) of paths
     output: str  # a folder or s3://bucket/prefix that receives Parquet files
-    batch_size: int = 64
+    batch_size: int = 128  # images per inference call and per Parquet part
     actors: int = 1
     use_gpu: bool = False
     threshold: float | None = None  # below it the label is "uncertain"

@@ -36,15 +36,17 @@ def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
             "no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile"
         )
     frozen = credentials.get_frozen_credentials()
-    endpoint = s3_endpoint_from_env(endpoint)
     kwargs = {}
+    if frozen.token is None:
+        # Static keys are handed over explicitly, so every Ray worker that unpickles this
+        # filesystem can use them. Temporary ones (a role, IRSA, SSO) would expire inside a long
+        # job: those are left to the AWS chain on each node, which refreshes them.
+        kwargs = {"access_key": frozen.access_key, "secret_key": frozen.secret_key}
+    endpoint = s3_endpoint_from_env(endpoint)
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
-        kwargs = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme}
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
     return pafs.S3FileSystem(
-        access_key=frozen.access_key,
-        secret_key=frozen.secret_key,
-        session_token=frozen.token,
         region=session.region_name or os.environ.get("AWS_REGION") or "us-east-1",
         # A store that goes away for a few seconds is retried rather than failing the job.
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=10),

@@ -1,0 +1,336 @@
+"""Tests for `dogbread label` on local folders: rows, schema, errors, partitions, resumability."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from dogbread import label
+from dogbread.cli import main
+from dogbread.config import LabelConfig
+from dogbread.errors import ConfigError, DataError, ModelError, StorageError
+from dogbread.model import ModelCard
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+# Written out rather than imported from dogbread.label, so that a change to the schema fails here.
+EXPECTED_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("score", pa.float32()),
+        ("probabilities", pa.list_(pa.float32())),
+        ("model_version", pa.string()),
+        ("error", pa.string()),
+        ("labeled_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+BAD_FILES = {  # relative path -> the reason code its row must carry
+    "dog/empty.jpg": "empty",
+    "dog/truncated.jpg": "truncated",
+    "bread/random.jpg": "not_an_image",
+    "notes/readme.png": "not_an_image",
+}
+
+
+def part_files(root: str | Path) -> list[str]:
+    return sorted(str(p) for p in Path(root).rglob("part-*.parquet"))
+
+
+def read_rows(root: str | Path) -> pa.Table:
+    return pads.dataset(part_files(root), format="parquet").to_table()
+
+
+def card_of(model_dir: str) -> ModelCard:
+    return ModelCard.from_json(Path(model_dir, "model_card.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, synthetic_tree) -> dict:
+    """60 good JPEGs, 4 bad files and 2 hidden ones; `expected` maps each input to its reason."""
+    root = tmp_path_factory.mktemp("label-input")
+    for name in ("bread", "dog"):
+        (root / name).mkdir()
+        for path in sorted(Path(synthetic_tree, name).iterdir())[:30]:
+            shutil.copy(path, root / name / path.name)
+    good = sorted(str(p) for p in root.rglob("*.jpg"))
+    jpeg = Path(good[0]).read_bytes()
+    (root / "notes").mkdir()
+    (root / "dog/empty.jpg").write_bytes(b"")
+    (root / "dog/truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "bread/random.jpg").write_bytes(b"\0" + np.random.default_rng(0).bytes(3000))
+    (root / "notes/readme.png").write_text("not a picture\n")
+    (root / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / ".cache").mkdir()
+    shutil.copy(good[0], root / ".cache" / "thumb.jpg")
+    expected = dict.fromkeys(good)
+    expected.update({str(root / rel): reason for rel, reason in BAD_FILES.items()})
+    return {"root": str(root), "expected": expected}
+
+
+@pytest.fixture(scope="module")
+def labeled(ray_local, inputs, small_model_dir, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("label-output") / "out"
+    started = dt.datetime.now(dt.UTC)
+    config = LabelConfig(
+        model=small_model_dir, input=inputs["root"], output=str(out), batch_size=16
+    )
+    summary = label.run(config)
+    return {"out": out, "summary": summary, "config": config, "started": started}
+
+
+def test_every_input_is_one_row_of_the_stable_schema(labeled, inputs):
+    table = read_rows(labeled["out"])
+    assert table.schema.equals(EXPECTED_SCHEMA)
+    assert table.num_rows == len(inputs["expected"]) == 64
+    assert sorted(table["path"].to_pylist()) == sorted(inputs["expected"])
+
+    summary = labeled["summary"]
+    assert summary["images"] == summary["labeled"] == 64
+    assert summary["already_done"] == 0
+    assert summary["skipped_hidden"] == 2  # .DS_Store and .cache/thumb.jpg
+    assert summary["errors"] == {"empty": 1, "not_an_image": 2, "truncated": 1}
+    assert sum(summary["labels"].values()) == 60
+    assert json.loads((labeled["out"] / "summary.json").read_text()) == summary
+    config = yaml.safe_load((labeled["out"] / "config.yaml").read_text())
+    assert config["input"] == inputs["root"] and config["batch_size"] == 16
+
+
+def test_bad_files_become_rows_with_their_reason(labeled, inputs):
+    rows = {r["path"]: r for r in read_rows(labeled["out"]).to_pylist()}
+    for path, reason in inputs["expected"].items():
+        row = rows[path]
+        if reason is None:
+            assert row["error"] is None, path
+            continue
+        assert row["error"].startswith(f"{reason}: "), (path, row["error"])
+        assert "\n" not in row["error"]
+        assert row["label"] is None and row["score"] is None and row["probabilities"] is None
+
+
+def test_good_rows_hold_consistent_predictions(labeled, small_model_dir):
+    card = card_of(small_model_dir)
+    table = read_rows(labeled["out"])
+    good = [r for r in table.to_pylist() if r["error"] is None]
+    assert len(good) == 60
+    finished = dt.datetime.now(dt.UTC)
+    for row in good:
+        probabilities = np.array(row["probabilities"], np.float32)
+        assert probabilities.shape == (len(card.class_names),)
+        assert abs(probabilities.sum() - 1) < 1e-5
+        assert row["label"] == card.class_names[int(np.argmax(probabilities))]
+        assert row["score"] == probabilities.max()
+        assert row["model_version"] == card.model_version
+        assert labeled["started"] <= row["labeled_at"] <= finished
+
+
+def test_predict_and_label_agree(labeled, inputs, small_model_dir):
+    from dogbread import predict
+
+    rows = {r["path"]: r for r in read_rows(labeled["out"]).to_pylist()}
+    paths = [p for p, reason in inputs["expected"].items() if reason is None][::10]
+    out = io.StringIO()
+    assert predict.run(small_model_dir, paths, as_json=True, out=out) == 0
+    for line in out.getvalue().splitlines():
+        predicted = json.loads(line)
+        row = rows[predicted["path"]]
+        assert predicted["label"] == row["label"]
+        assert abs(predicted["score"] - row["score"]) < 1e-5
+
+
+def test_a_rerun_adds_no_rows_and_starts_no_work(labeled, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(labeled["out"], out)
+    before = part_files(out)
+    monkeypatch.setattr(label, "_label", lambda *a: pytest.fail("nothing was left to label"))
+    config = LabelConfig(**{**vars(labeled["config"]), "output": str(out)})
+    summary = label.run(config)
+    assert (summary["labeled"], summary["already_done"], summary["images"]) == (0, 64, 64)
+    assert summary["labels"] == labeled["summary"]["labels"]
+    assert summary["errors"] == labeled["summary"]["errors"]
+    assert part_files(out) == before
+    assert read_rows(out).num_rows == 64
+
+
+def test_partition_by_label_with_threshold(labeled, inputs, small_model_dir, tmp_path, capfd):
+    scores = read_rows(labeled["out"])["score"].drop_null().to_numpy()
+    threshold = float(np.median(scores))  # so that both "uncertain" and real labels occur
+    out = tmp_path / "partitioned"
+    config = LabelConfig(
+        model=small_model_dir,
+        input=inputs["root"],
+        output=str(out),
+        batch_size=16,
+        threshold=threshold,
+        partition_by="label",
+    )
+    summary = label.run(config)
+    captured = capfd.readouterr()
+    assert "labeled 64/64 (100%)" in captured.err and "img/s" in captured.err
+    assert "ETA" in captured.err
+    assert json.loads(captured.out[captured.out.index("{") :]) == summary
+
+    folders = {Path(p).parent.name for p in part_files(out)}
+    assert {"label=uncertain", "label=__HIVE_DEFAULT_PARTITION__"} <= folders
+    assert folders - {"label=uncertain", "label=__HIVE_DEFAULT_PARTITION__"}  # a real class too
+    for path in part_files(out):
+        folder_label = unquote(Path(path).parent.name.split("=", 1)[1])
+        for row in pq.read_table(path).to_pylist():
+            if folder_label == "__HIVE_DEFAULT_PARTITION__":
+                assert row["label"] is None and row["error"]
+            else:
+                assert row["label"] == folder_label and row["error"] is None
+                assert (row["label"] == "uncertain") == (row["score"] < np.float32(threshold))
+
+    # A Hive-aware reader sees the same rows, with null labels for the errors.
+    dataset = pads.dataset(out, format="parquet", partitioning="hive", exclude_invalid_files=True)
+    table = dataset.to_table()
+    assert table.num_rows == 64
+    assert table.schema.equals(EXPECTED_SCHEMA)
+    assert sorted(table["path"].to_pylist()) == sorted(inputs["expected"])
+    assert table["label"].null_count == len(table["error"].drop_null()) == 4
+    assert summary["labels"].get("uncertain", 0) > 0
+
+
+def test_manifest_of_paths(ray_local, inputs, small_model_dir, tmp_path):
+    good = [p for p, reason in inputs["expected"].items() if reason is None][:5]
+    missing = str(tmp_path / "gone.jpg")
+    manifest = tmp_path / "manifest.csv"
+    lines = ["path", *good, good[0], missing, str(Path(inputs["root"], "dog/empty.jpg"))]
+    manifest.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    summary = label.run(
+        LabelConfig(model=small_model_dir, input=str(manifest), output=str(out), batch_size=4)
+    )
+    rows = {r["path"]: r for r in read_rows(out).to_pylist()}
+    assert sorted(rows) == sorted({*good, missing, str(Path(inputs["root"], "dog/empty.jpg"))})
+    assert summary["duplicate_paths"] == 1
+    assert rows[missing]["error"].startswith("unreadable: ")
+    assert summary["errors"] == {"empty": 1, "unreadable": 1}
+    assert all(rows[p]["label"] in ("bread", "dog") for p in good)
+
+
+def _bad_configs(tmp: Path, inputs: dict) -> list[tuple[dict, type, str]]:
+    (tmp / "empty").mkdir()
+    (tmp / "hidden-only").mkdir()
+    (tmp / "hidden-only" / ".keep").write_text("")
+    (tmp / "a-file").write_text("")
+    (tmp / "no-path.csv").write_text("file\nx.jpg\n")
+    root = inputs["root"]
+    return [
+        ({"model": str(tmp / "no-model")}, ModelError, "no model"),
+        ({"input": str(tmp / "empty")}, DataError, "no files"),
+        ({"input": str(tmp / "hidden-only")}, DataError, "no files"),
+        ({"input": str(tmp / "missing")}, DataError, "not found"),
+        ({"input": str(tmp / "no-path.csv")}, DataError, "path"),
+        ({"output": str(tmp / "a-file" / "out")}, StorageError, "cannot write"),
+        ({"output": os.path.join(root, "labels")}, ConfigError, "inside input"),
+        ({"output": root}, ConfigError, "inside input"),
+        ({"threshold": 1.5}, ConfigError, "threshold"),
+        ({"partition_by": "score"}, ConfigError, "partition_by"),
+        ({"batch_size": 0}, ConfigError, "batch_size"),
+    ]
+
+
+def test_bad_configs_fail_before_ray_work(inputs, small_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(label, "_label", lambda *a: pytest.fail("Ray work started"))
+    before = sorted(Path(inputs["root"]).rglob("*"))
+    base = {"model": small_model_dir, "input": inputs["root"], "output": str(tmp_path / "out")}
+    for change, error, message in _bad_configs(tmp_path, inputs):
+        with pytest.raises(error, match=message):
+            label.run(LabelConfig(**{**base, **change}))
+    assert sorted(Path(inputs["root"]).rglob("*")) == before  # nothing written into the input
+
+
+def test_an_output_of_another_model_version_is_refused(inputs, small_model_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    row = {"path": "/x.jpg", "label": "dog", "score": 0.9, "probabilities": [0.1, 0.9]}
+    row |= {"model_version": "older", "error": None, "labeled_at": dt.datetime.now(dt.UTC)}
+    pq.write_table(pa.Table.from_pylist([row], EXPECTED_SCHEMA), out / "part-old.parquet")
+    config = LabelConfig(model=small_model_dir, input=inputs["root"], output=str(out))
+    with pytest.raises(ConfigError, match="model_version older"):
+        label.run(config)
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path, inputs, capsys):
+    argv = ["label", "--model", str(tmp_path / "none"), "--input", inputs["root"]]
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dogbread: error: no model at")
+
+
+def _session_alive(session: int) -> bool:
+    """Whether any live (non-zombie) process still belongs to this session."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[3]) == session:
+            return True
+    return False
+
+
+def test_a_killed_run_resumes_without_duplicates_or_rework(
+    ray_local, synthetic_tree, small_model_dir, tmp_path
+):
+    source = tmp_path / "in"
+    for copy in ("a", "b"):  # 240 images in batches of 2: the run is long enough to interrupt
+        shutil.copytree(synthetic_tree, source / copy)
+    total = sum(1 for p in source.rglob("*") if p.is_file())
+    out = tmp_path / "out"
+    # RAY_ADDRESS=local: the child starts its own Ray rather than joining any cluster around.
+    env = {**os.environ, "PYTHONPATH": str(PROJECT), "RAY_ADDRESS": "local"}
+    command = [sys.executable, "-m", "dogbread", "label", "--model", small_model_dir]
+    command += ["--input", str(source), "--output", str(out), "--batch-size", "2"]
+    with open(tmp_path / "first-run.log", "wb") as log:
+        child = subprocess.Popen(
+            command, env=env, stdout=log, stderr=log, start_new_session=True, cwd=tmp_path
+        )
+        try:
+            deadline = time.monotonic() + 240
+            while not part_files(out):
+                assert child.poll() is None, (tmp_path / "first-run.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no part was written"
+                time.sleep(0.02)
+        finally:
+            os.killpg(child.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+            child.wait()
+    deadline = time.monotonic() + 60
+    while _session_alive(child.pid):  # Ray workers notice their raylet died, then exit
+        assert time.monotonic() < deadline, "processes of the killed run are still alive"
+        time.sleep(0.2)
+    assert not (out / "summary.json").exists(), "the first run finished before it was killed"
+    first = {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in part_files(out)}
+    first_rows = read_rows(out).num_rows
+    assert 0 < first_rows < total
+
+    summary = label.run(
+        LabelConfig(model=small_model_dir, input=str(source), output=str(out), batch_size=16)
+    )
+    assert summary["images"] == total
+    assert summary["already_done"] == first_rows
+    assert summary["labeled"] == total - first_rows
+    table = read_rows(out)
+    assert table.num_rows == total
+    assert len(set(table["path"].to_pylist())) == total
+    for path, digest in first.items():  # earlier parts are kept as they were
+        assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == digest
