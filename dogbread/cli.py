@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("label", help="label an image store into Parquet with Ray Data")
     add_config_flags(p, LabelConfig)
 
+    p = sub.add_parser("report", help="write report.html for a label output or a training run")
+    p.add_argument("target", help="a label output or a training run dir (local or s3://)")
+    p.add_argument("--s3-endpoint")
+
     p = sub.add_parser("demo", help="the whole job on synthetic images and a local Ray")
     p.add_argument("--out", default="demo-out", help="where the demo writes (default: demo-out)")
     p.add_argument("--s3", action="store_true", help="go through a local SeaweedFS S3 server")
@@ -148,7 +152,7 @@ def run_command(args: argparse.Namespace) -> int:
         from dogbread import train
 
         if config is None:
-            train.resume(args.resume)
+            train.resume(args.resume, args.s3_endpoint)
         else:
             train.run(config)
         return 0
@@ -162,6 +166,11 @@ def run_command(args: argparse.Namespace) -> int:
         from dogbread import label
 
         label.run(config)
+        return 0
+    if args.command == "report":
+        from dogbread import report
+
+        print(report.write_report(args.target, args.s3_endpoint))
         return 0
     if args.command == "demo":
         from dogbread import demo

@@ -112,24 +112,27 @@ def _train_and_evaluate(config: TrainConfig, manifest: data.Manifest) -> dict[st
     if readable < config.workers:
         raise DataError(f"only {readable} readable training images")
 
-    result = _fit(config, manifest, decoded)
-    state = result["state"]
+    checkpoint = _fit(config, manifest, decoded)
     model = build_model(_model_config(config, manifest))
-    model.load_weights(result["best_weights"])
-    metrics = evaluate.evaluate_decoded(
-        model, decoded["test"], manifest.class_names, manifest.split("test").num_rows
-    )
-    metrics.update(
-        skipped_unreadable=skipped,
-        best_epoch=state["best_epoch"],
-        epochs_run=state["epoch"],
-        best_val_loss=state["best_val_loss"],
-        resumed_after_epochs=state["resumed_after_epochs"],
-        workers=state["workers"],
-        history=state["history"],
-    )
-    print(evaluate.format_metrics(metrics))
-    _write_artifacts(config, manifest, model, metrics, state["history"], result["tensorboard"])
+    with checkpoint.as_directory() as directory:
+        with open(os.path.join(directory, STATE)) as f:
+            state = json.load(f)
+        model.load_weights(os.path.join(directory, BEST_WEIGHTS))
+        metrics = evaluate.evaluate_decoded(
+            model, decoded["test"], manifest.class_names, manifest.split("test").num_rows
+        )
+        metrics.update(
+            skipped_unreadable=skipped,
+            best_epoch=state["best_epoch"],
+            epochs_run=state["epoch"],
+            best_val_loss=state["best_val_loss"],
+            resumed_after_epochs=state["resumed_after_epochs"],
+            workers=state["workers"],
+            history=state["history"],
+        )
+        print(evaluate.format_metrics(metrics))
+        tensorboard = os.path.join(directory, "tensorboard")
+        _write_artifacts(config, manifest, model, metrics, state["history"], tensorboard)
     return metrics
 
 
@@ -144,8 +147,8 @@ def _model_config(config: TrainConfig, manifest: data.Manifest) -> Any:
     )
 
 
-def _fit(config: TrainConfig, manifest: data.Manifest, decoded: dict) -> dict[str, Any]:
-    """Run the TensorflowTrainer; returns the final state and the best weights (local files)."""
+def _fit(config: TrainConfig, manifest: data.Manifest, decoded: dict) -> Any:
+    """Run the TensorflowTrainer; returns the last checkpoint (state, current and best weights)."""
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
@@ -170,20 +173,17 @@ def _fit(config: TrainConfig, manifest: data.Manifest, decoded: dict) -> dict[st
         ),
         datasets={"train": decoded["train"], "val": decoded["val"]},
     )
-    result = trainer.fit()
-    local = tempfile.mkdtemp(prefix="dogbread-best-")
-    result.checkpoint.to_directory(local)
-    with open(os.path.join(local, STATE)) as f:
-        state = json.load(f)
-    return {
-        "state": state,
-        "best_weights": os.path.join(local, BEST_WEIGHTS),
-        "tensorboard": os.path.join(local, "tensorboard"),
-    }
+    return trainer.fit().checkpoint
 
 
 def _train_loop(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
+    with tempfile.TemporaryDirectory(prefix="dogbread-train-") as work:
+        _train_epochs(loop_config, work)
+
+
+def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
+    """The epochs of one worker; `work` holds its best weights and TensorBoard logs."""
     import ray
     import ray.train
     import tensorflow as tf
@@ -203,7 +203,6 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         "history": [],
         "resumed_after_epochs": [],
     }
-    work = tempfile.mkdtemp(prefix="dogbread-train-")
     best_path = os.path.join(work, BEST_WEIGHTS)
     tensorboard = os.path.join(work, "tensorboard")
     checkpoint = ray.train.get_checkpoint()
@@ -395,5 +394,8 @@ def _write_artifacts(
 
         fs.create_dir(path, recursive=True)
         pafs.copy_files(tensorboard_dir, path, destination_filesystem=fs)
+    from dogbread.report import try_write_report
+
+    try_write_report(out, endpoint)  # last: it reads the artifacts written above
     log.info("run written to %s (model %s)", out, card.model_version)
     print(f"model written to {storage.join(out, MODEL_FILENAME)}")

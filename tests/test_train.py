@@ -27,10 +27,13 @@ def small_config(data: str, out: Path, **overrides) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def tree_with_bad_files(synthetic_tree: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The synthetic tree plus three files that cannot be decoded and one that is not an image."""
+def tree_with_bad_files(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """150 synthetic images per class (enough for a test split that measures learning), plus
+    three files that cannot be decoded and one that is not an image."""
+    from dogbread.synth import write_synthetic_tree
+
     root = tmp_path_factory.mktemp("tree") / "data"
-    shutil.copytree(synthetic_tree, root)
+    write_synthetic_tree(root, per_class=150, seed=2)
     (root / "bread" / "empty.jpg").write_bytes(b"")
     (root / "dog" / "random.jpg").write_bytes(bytes(range(256)) * 4)
     good = next((root / "dog").glob("*.jpg")).read_bytes()
@@ -103,11 +106,12 @@ def test_best_epoch_weights_are_the_saved_ones(two_worker_run):
     assert metrics["best_val_loss"] == pytest.approx(min(val_losses))
 
 
-def test_two_workers_learn_as_well_as_one(ray_local, two_worker_run, synthetic_tree, tmp_path):
+def test_two_workers_learn_as_well_as_one(ray_local, two_worker_run, tree_with_bad_files, tmp_path):
     _, two = two_worker_run
-    one = train.run(small_config(synthetic_tree, tmp_path / "one", workers=1, epochs=8))
-    assert one["accuracy"] >= 0.8 and two["accuracy"] >= 0.8
-    assert abs(one["accuracy"] - two["accuracy"]) <= 0.15
+    one = train.run(small_config(tree_with_bad_files, tmp_path / "one", workers=1, epochs=8))
+    # The same global batch and learning rate: the two runs should end up alike.
+    assert one["accuracy"] >= 0.8 and two["accuracy"] >= 0.8, (one["accuracy"], two["accuracy"])
+    assert abs(one["accuracy"] - two["accuracy"]) <= 0.12
 
 
 def test_a_finished_run_dir_is_not_overwritten(two_worker_run, tree_with_bad_files):
