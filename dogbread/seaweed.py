@@ -23,7 +23,13 @@ from typing import Any
 from dogbread.errors import StorageError
 
 LISTENERS = ("s3", "master", "filer", "volume", "admin")
-AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_SESSION_TOKEN")
+AWS_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_REGION",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+)
 
 
 class LocalS3:
@@ -32,7 +38,7 @@ class LocalS3:
     def __init__(self, root: Path, region: str = "us-east-1") -> None:
         self.root = Path(root)
         self.access_key, self.secret_key, self.region = "dogbread", secrets.token_hex(20), region
-        self.ports = _free_ports(2 * len(LISTENERS))
+        self.ports = free_ports(2 * len(LISTENERS))
         self.endpoint = f"http://127.0.0.1:{self.ports[0]}"
         self._process: subprocess.Popen | None = None
 
@@ -89,6 +95,18 @@ class LocalS3:
             region_name=self.region,
         )
 
+    def filesystem(self) -> Any:
+        """A pyarrow filesystem for this server, built without dogbread.storage (for checks)."""
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(
+            endpoint_override=self.endpoint.removeprefix("http://"),
+            scheme="http",
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            region=self.region,
+        )
+
     def create_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
 
@@ -106,7 +124,8 @@ class LocalS3:
     def credentials_in_environment(self) -> Iterator[None]:
         """Point the standard AWS variables at this server, and restore them afterwards."""
         saved = {name: os.environ.get(name) for name in AWS_VARIABLES}
-        os.environ.pop("AWS_SESSION_TOKEN", None)
+        for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):  # they would override the keys
+            os.environ.pop(name, None)
         os.environ.update(
             AWS_ACCESS_KEY_ID=self.access_key,
             AWS_SECRET_ACCESS_KEY=self.secret_key,
@@ -134,7 +153,7 @@ def local_s3_server(root: Path) -> Iterator[LocalS3]:
         server.stop()
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
     try:
         for s in sockets:  # all bound at once, so the ports are distinct

@@ -15,7 +15,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import yaml
 
 from dogbread import cli, submit
 from dogbread.errors import ConfigError
+from dogbread.seaweed import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -57,17 +57,6 @@ class Head(NamedTuple):
         return {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:  # all bound at once, so the ports are distinct
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _stop(process: subprocess.Popen) -> None:
     """Ctrl-C to `ray start --block` stops the processes it started; then kill stragglers.
 
@@ -93,7 +82,7 @@ def _stop(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def head() -> Iterator[Head]:
     token = secrets.token_hex(32)
-    ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
+    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
     # Short and outside pytest's tmp dirs: Ray's socket paths under it must fit in 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="dbray-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
