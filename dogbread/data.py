@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -131,20 +132,25 @@ def write_manifest(manifest: Manifest, uri: str, s3_endpoint: str | None = None)
         raise StorageError(f"cannot write manifest {uri}: {storage.first_line(exc)}") from None
 
 
-def read_manifest(uri: str, s3_endpoint: str | None = None) -> Manifest:
-    """A manifest written by write_manifest (or any file with path and label columns)."""
+def read_table_file(
+    uri: str, text_columns: Iterable[str], s3_endpoint: str | None = None
+) -> pa.Table:
+    """A manifest-like CSV or Parquet file as a table."""
     fs, path = storage.resolve(uri, s3_endpoint)
     try:
         if uri.lower().endswith(".csv"):
-            # Read our columns as text: a class folder named "01" must not become the number 1.
-            text = {name: pa.string() for name in MANIFEST_SCHEMA.names}
-            options = pacsv.ConvertOptions(column_types=text)
+            # Read these columns as text: a folder named "01" must not become the number 1.
+            types = pacsv.ConvertOptions(column_types=dict.fromkeys(text_columns, pa.string()))
             with fs.open_input_stream(path) as stream:
-                table = pacsv.read_csv(stream, convert_options=options)
-        else:
-            table = pq.read_table(path, filesystem=fs)
+                return pacsv.read_csv(stream, convert_options=types)
+        return pq.read_table(path, filesystem=fs)
     except (OSError, pa.ArrowInvalid) as exc:
         raise DataError(f"cannot read manifest {uri}: {storage.first_line(exc)}") from None
+
+
+def read_manifest(uri: str, s3_endpoint: str | None = None) -> Manifest:
+    """A manifest written by write_manifest (or any file with path and label columns)."""
+    table = read_table_file(uri, MANIFEST_SCHEMA.names, s3_endpoint)
     missing = {"path", "label"} - set(table.column_names)
     if missing:
         raise DataError(f"manifest {uri} lacks column(s): {', '.join(sorted(missing))}")
