@@ -78,6 +78,7 @@ class LabelConfig:
     threshold: float | None = None  # below it the label is "uncertain"
     partition_by: str | None = None  # "label" writes Hive-style label=... folders
     s3_endpoint: str | None = None
+    report: bool = True  # write report.html into the output at the end
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size must be at least 1")
