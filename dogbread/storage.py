@@ -46,12 +46,32 @@ def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
         kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
-    return pafs.S3FileSystem(
+    return _S3FileSystem(
         region=session.region_name or os.environ.get("AWS_REGION") or "us-east-1",
         # A store that goes away for a few seconds is retried rather than failing the job.
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=10),
         **kwargs,
     )
+
+
+class _S3FileSystem(pafs.S3FileSystem):
+    """An S3FileSystem that keeps its retry strategy when pickled.
+
+    pyarrow (26) leaves `retry_strategy` out of the pickled state, so the copies Ray ships to its
+    workers fell back to 3 attempts and a store away for a second failed the job there.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._retry_strategy = kwargs.get("retry_strategy")
+
+    def __reduce__(self):
+        _, (state,) = super().__reduce__()
+        return _rebuild_s3_filesystem, ({**state, "retry_strategy": self._retry_strategy},)
+
+
+def _rebuild_s3_filesystem(kwargs: dict) -> _S3FileSystem:
+    return _S3FileSystem(**kwargs)
 
 
 def fs_path(uri: str) -> str:
