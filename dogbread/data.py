@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -72,10 +73,30 @@ def list_files(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSyste
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.NotFound and not storage.is_s3(uri):
             raise DataError(f"input not found: {uri}")
+        if not storage.is_s3(uri):
+            return fs, root, _walk_local(root)
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as exc:
         raise StorageError(f"cannot list {uri}: {storage.first_line(exc)}") from None
     return fs, root, sorted(i.path for i in infos if i.type == pafs.FileType.File)
+
+
+def _walk_local(root: str) -> list[str]:
+    """Every file below root, following folder links once each.
+
+    pyarrow's recursive listing drops broken links (an input that silently vanishes) and follows
+    a folder link that points up the tree some 40 levels deep (the same files listed 40 times).
+    Here a broken link is listed (its read fails, so it gets an error row) and a folder already
+    walked is not walked again.
+    """
+    paths, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        seen.add(os.path.realpath(folder))
+        subfolders[:] = [
+            d for d in subfolders if os.path.realpath(os.path.join(folder, d)) not in seen
+        ]
+        paths += [os.path.join(folder, name) for name in names]
+    return sorted(paths)
 
 
 def list_labeled_tree(
