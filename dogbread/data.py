@@ -75,6 +75,9 @@ def list_files(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSyste
             raise DataError(f"input not found: {uri}")
         if not storage.is_s3(uri):
             return fs, root, _walk_local(root)
+        bucket = root.split("/", 1)[0]
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise DataError(f"bucket not found: s3://{bucket}")
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as exc:
         raise StorageError(f"cannot list {uri}: {storage.first_line(exc)}") from None
