@@ -14,6 +14,7 @@ import json
 import sys
 import tempfile
 import time
+from itertools import zip_longest
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,8 +30,15 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dogbre
 def real_photo_manifest(root: Path, limit: int | None = None) -> data.Manifest:
     """The photos' own split: train for fitting, val for early stopping and for the report."""
     rows = pacsv.read_csv(root / "manifest.csv").select(["split", "label", "file"]).to_pylist()
-    if limit:
-        rows = [r for s in ("train", "val") for r in [x for x in rows if x["split"] == s][:limit]]
+    if limit:  # the classes in turn: the listing is sorted by class, and a smoke run needs both
+        kept = []
+        for split in ("train", "val"):
+            by_label: dict[str, list[dict]] = {}
+            for row in rows:
+                if row["split"] == split:
+                    by_label.setdefault(row["label"], []).append(row)
+            kept += [r for group in zip_longest(*by_label.values()) for r in group if r][:limit]
+        rows = kept
     table = pa.table(
         {
             "path": [str(root / r["file"]) for r in rows],

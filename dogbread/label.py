@@ -47,7 +47,6 @@ from urllib.parse import quote
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -74,6 +73,7 @@ SUMMARY_FILENAME = "summary.json"
 ERROR_PARTITION = "__HIVE_DEFAULT_PARTITION__"
 PART_PREFIX = "part-"
 ACTOR_NUM_CPUS = 0.5  # fractional: whole-CPU actors on 2 cores leave no CPU to decode with
+INFERENCE_CHUNK = 32  # images per model call: decoding the next chunk overlaps this one
 S3_READ_THREADS = 16  # object reads wait on the network: a batch's reads overlap
 
 
@@ -123,6 +123,10 @@ def run(config: LabelConfig) -> dict[str, Any]:
         config.s3_endpoint,
     )
     print(json.dumps(summary, indent=2), flush=True)
+    if config.report:
+        from dogbread.report import try_write_report  # imports this module
+
+        try_write_report(config.output, config.s3_endpoint)
     return summary
 
 
@@ -190,19 +194,7 @@ def _list_inputs(config: LabelConfig) -> tuple[pa.Array, pafs.FileSystem, Counte
 
 def _read_manifest(uri: str, s3_endpoint: str | None) -> pa.Array:
     """Paths from a `path` column, or s3://bucket/key from S3 Inventory-like columns."""
-    fs, path = storage.resolve(uri, s3_endpoint)
-    try:
-        if uri.lower().endswith(".csv"):
-            # Names such as "0001" must stay strings rather than become numbers.
-            types = pacsv.ConvertOptions(
-                column_types=dict.fromkeys(("path", "bucket", "key"), "string")
-            )
-            with fs.open_input_stream(path) as stream:
-                table = pacsv.read_csv(stream, convert_options=types)
-        else:
-            table = pq.read_table(path, filesystem=fs)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise DataError(f"cannot read manifest {uri}: {storage.first_line(exc)}") from None
+    table = data.read_table_file(uri, ("path", "bucket", "key"), s3_endpoint)
     if "path" in table.column_names:
         paths = table["path"].cast(pa.string())
     elif {"bucket", "key"} <= set(table.column_names):
@@ -279,7 +271,14 @@ def _label(
 
     from dogbread.runtime import ensure_ray
 
-    started_ray = ensure_ray()
+    # A Ray started here (not one joined) would prestart a Python worker per CPU that nothing
+    # uses; on a small machine booting them (~1.5 s of CPU each) delays our actor by seconds.
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    with ThreadPoolExecutor(1) as pool:
+        # Converting the model for LiteRT and starting Ray take seconds each: they overlap.
+        converting = pool.submit(_inference_model, model_file, card.to_json(), config.use_gpu)
+        started_ray = ensure_ray()
+        inference = converting.result()
     if config.use_gpu and not ray.cluster_resources().get("GPU"):
         # Not an error: an autoscaling cluster adds GPU nodes once the actors ask for them.
         log.warning("no GPU in the Ray cluster yet: the labeling actors wait for one")
@@ -287,23 +286,19 @@ def _label(
     size, finished, start = config.batch_size, 0, time.monotonic()
     counts: Counter[str] = Counter()
     try:
-        # One block per batch, so Ray's per-block costs are paid once per batch.
+        # One block per batch, so Ray's per-block costs are paid once per batch. from_blocks
+        # (a DeveloperAPI; Ray is pinned) takes the blocks' metadata from the driver, where
+        # from_arrow runs a Ray task per block for it: ~1.5 s of start-up on 2 CPUs.
         blocks = [pa.table({"path": todo.slice(i, size)}) for i in range(0, len(todo), size)]
-        ds = ray.data.from_arrow(blocks).map_batches(
-            _read_and_decode,
-            batch_size=None,
-            batch_format="pyarrow",
-            fn_kwargs={"fs": in_fs, "size": card.image_size},
-        )
-        labeler_args = (model_file, card.to_json(), config.threshold, out_fs, out_root)
-        ds = ds.map_batches(
+        labeler_args = (model_file, card.to_json(), inference, in_fs, config.threshold)
+        ds = ray.data.from_blocks(blocks).map_batches(
             _Labeler,
-            batch_size=size,
-            batch_format="numpy",
+            batch_size=None,  # a block is a batch
+            batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=config.actors),
             num_cpus=ACTOR_NUM_CPUS,
             num_gpus=1 if config.use_gpu else 0,
-            fn_constructor_args=(*labeler_args, config.partition_by, run_id),
+            fn_constructor_args=(*labeler_args, out_fs, out_root, config.partition_by, run_id),
         )
         # This dataset's own copy of the context: Ray's bars would fight with our line.
         ds.context.enable_progress_bars = ds.context.print_on_execution_start = False
@@ -334,25 +329,39 @@ def _show_progress(done: int, total: int, start: float) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def _read_and_decode(batch: pa.Table, fs: pafs.FileSystem, size: int) -> dict[str, np.ndarray]:
-    """Pixels of a batch of files, and each file's error ("" when it decoded)."""
-    paths = batch["path"].to_pylist()
-    if isinstance(fs, pafs.S3FileSystem):
-        with ThreadPoolExecutor(min(S3_READ_THREADS, len(paths))) as pool:
-            contents = list(pool.map(lambda p: _read_file(fs, p), paths))
-    else:
-        contents = [_read_file(fs, p) for p in paths]
-    images = np.zeros((len(paths), size, size, 3), np.uint8)
-    errors = [""] * len(paths)  # "" rather than None: nulls do not survive Ray's numpy batches
-    for i, content in enumerate(contents):
-        try:
-            if isinstance(content, str):
-                errors[i] = content
-            else:
-                images[i] = decode_image(content, size)
-        except ImageDecodeError as exc:
-            errors[i] = str(exc)  # "<reason>: <detail>"
-    return {"path": np.array(paths, object), "image": images, "error": np.array(errors, object)}
+def _inference_model(model_file: tuple[pafs.FileSystem, str], card_json: str, use_gpu: bool) -> Any:
+    """The LiteRTModel the actors run, or None when they are to load the Keras model themselves:
+    on GPUs (TensorFlow there beats LiteRT on the CPU), or when LiteRT does not reproduce Keras."""
+    if use_gpu:
+        return None
+    from dogbread.model import LiteRTModel, inference_model
+
+    converted = inference_model(_load_model_file(model_file, card_json)[0])
+    return converted if isinstance(converted, LiteRTModel) else None
+
+
+def _load_model_file(model_file: tuple[pafs.FileSystem, str], card_json: str) -> tuple[Any, Any]:
+    from dogbread.model import CARD_FILENAME, MODEL_FILENAME, load_model
+
+    # The driver's filesystem arrives pickled with its credentials, so an actor can read the
+    # model whatever its own environment; load_model then checks it as the driver did.
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, MODEL_FILENAME), "wb") as out:
+            out.write(storage.read_bytes(*model_file))
+        with open(os.path.join(tmp, CARD_FILENAME), "w") as out:
+            out.write(card_json)
+        return load_model(tmp)
+
+
+def _read_and_decode(fs: pafs.FileSystem, uri: str, size: int) -> np.ndarray | str:
+    """The file's pixels, or its error ("<reason>: <detail>")."""
+    content = _read_file(fs, uri)
+    if isinstance(content, str):
+        return content
+    try:
+        return decode_image(content, size)
+    except ImageDecodeError as exc:
+        return str(exc)
 
 
 def _read_file(fs: pafs.FileSystem, uri: str) -> bytes | str:
@@ -367,44 +376,68 @@ def _read_file(fs: pafs.FileSystem, uri: str) -> bytes | str:
 
 
 class _Labeler:
-    """Loads the model once per actor; labels a batch and commits it as Parquet part(s)."""
+    """Reads, decodes and labels a batch of paths, and commits it as Parquet part(s).
+
+    Decoding runs here, in threads, rather than in Ray tasks of its own: pixels never go through
+    the object store (memory stays flat whatever the number of images, and no CPU is spent
+    copying them), and the threads decode the next chunk while the model runs on this one.
+    Given a LiteRTModel, the actor never imports TensorFlow: it starts in a second, not ten.
+    """
 
     def __init__(
         self,
         model_file: tuple[pafs.FileSystem, str],
         card_json: str,
+        inference: Any,
+        in_fs: pafs.FileSystem,
         threshold: float | None,
         fs: pafs.FileSystem,
         root: str,
         partition_by: str | None,
         run_id: str,
     ) -> None:
-        from dogbread.model import CARD_FILENAME, MODEL_FILENAME, load_model
+        from dogbread.model import ModelCard
 
-        # The driver's filesystem arrives pickled with its credentials, so an actor can read the
-        # model whatever its own environment; load_model then checks it as the driver did.
-        with tempfile.TemporaryDirectory() as tmp:
-            with open(os.path.join(tmp, MODEL_FILENAME), "wb") as out:
-                out.write(storage.read_bytes(*model_file))
-            with open(os.path.join(tmp, CARD_FILENAME), "w") as out:
-                out.write(card_json)
-            self.model, self.card = load_model(tmp)
-        self.threshold, self.fs, self.root = threshold, fs, root
+        self.card = ModelCard.from_json(card_json)
+        threads = len(os.sched_getaffinity(0))
+        if inference is None:
+            self.model, self.card = _load_model_file(model_file, card_json)
+        else:
+            self.model = inference.with_threads(threads)
+        # Object reads wait on the network, local reads and decoding on the CPU.
+        self.pool = ThreadPoolExecutor(
+            S3_READ_THREADS if isinstance(in_fs, pafs.S3FileSystem) else threads
+        )
+        self.in_fs, self.threshold, self.fs, self.root = in_fs, threshold, fs, root
         self.partition_by, self.run_id = partition_by, run_id
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         from dogbread.model import label_predictions, predict_probabilities
 
-        errors = [e or None for e in batch["error"].tolist()]
-        ok = np.array([e is None for e in errors], bool)
-        probs = predict_probabilities(self.model, batch["image"][ok])
-        ok_labels, ok_scores = label_predictions(probs, self.card.class_names, self.threshold)
-        n = len(errors)
+        paths = batch["path"].to_pylist()
+        size, n = self.card.image_size, len(paths)
+        # In input order; the pool decodes ahead while the model runs on the chunk before.
+        decoded = self.pool.map(lambda path: _read_and_decode(self.in_fs, path, size), paths)
+        errors: list[str | None] = [None] * n
+        probs = np.zeros((n, len(self.card.class_names)), np.float32)
+        for start in range(0, n, INFERENCE_CHUNK):
+            rows, images = [], []
+            for i in range(start, min(start + INFERENCE_CHUNK, n)):
+                result = next(decoded)
+                if isinstance(result, str):
+                    errors[i] = result
+                else:
+                    rows.append(i)
+                    images.append(result)
+            if rows:
+                probs[rows] = predict_probabilities(self.model, np.stack(images))
+        ok = np.flatnonzero([e is None for e in errors])
+        ok_labels, ok_scores = label_predictions(probs[ok], self.card.class_names, self.threshold)
         labels, scores, probabilities = [None] * n, [None] * n, [None] * n
-        for j, i in enumerate(np.flatnonzero(ok)):
-            labels[i], scores[i], probabilities[i] = ok_labels[j], ok_scores[j], probs[j]
+        for j, i in enumerate(ok):
+            labels[i], scores[i], probabilities[i] = ok_labels[j], ok_scores[j], probs[i]
         version, now = [self.card.model_version] * n, [dt.datetime.now(dt.UTC)] * n
-        columns = [batch["path"].tolist(), labels, scores, probabilities, version, errors, now]
+        columns = [paths, labels, scores, probabilities, version, errors, now]
         table = pa.Table.from_arrays(
             [pa.array(c, f.type) for c, f in zip(columns, OUTPUT_SCHEMA, strict=True)],
             schema=OUTPUT_SCHEMA,

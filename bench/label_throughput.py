@@ -1,0 +1,126 @@
+"""Labeling throughput, side by side on the same images: (a) the seed's loop, (b) the fastest
+pipeline without Ray (bench/local_pipeline.py), (c) `dogbread label` as a user runs it.
+
+Two image sets: N synthetic JPEGs of 256x256, and N/10 photo-sized ones of 4000x3000 (see
+common.py). (b) and (c) are whole programs timed from start to exit, so both pay for importing
+TensorFlow and converting the model; (c) also starts Ray. Their steady rates leave the start-up
+out: (b)'s from its own clock, (c)'s from the times its Parquet parts appeared. (a) times its loop
+only, on the first --seed-images images (it is ~40x slower). Prints one JSON object.
+
+    python bench/label_throughput.py [--images 10000] [--large-images 1000] [--repeat 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import common
+
+BENCH = Path(__file__).resolve().parent
+
+
+def run_script(name: str, *args: str) -> tuple[float, dict[str, Any]]:
+    """(wall seconds from start to exit, the JSON it printed) of bench/<name>."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, str(BENCH / name), *args], env=common.ENV, capture_output=True, text=True
+    )
+    wall = time.monotonic() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return wall, json.loads(done.stdout[done.stdout.index("{") :])
+
+
+def measure(spec: common.ImageSet, count: int, seed_count: int, repeat: int, work: Path) -> dict:
+    seed_count = min(seed_count, count)
+    paths = common.image_paths(spec, count)
+    manifest = common.write_manifest(paths, work / f"{spec.name}-{count}.csv")
+    model = common.model_dir(256)
+    load_before = os.getloadavg()[0]
+    _, seed = run_script(
+        "seed_loop.py", "--model", model, "--input", manifest, "--limit", str(seed_count)
+    )
+    local_runs, label_runs = [], []
+    for _ in range(repeat):  # alternated, so that a change of load hits both alike
+        output = work / f"{spec.name}-local.parquet"
+        wall, local = run_script(
+            "local_pipeline.py", "--model", model, "--input", manifest, "--output", str(output)
+        )
+        local_runs.append(
+            {
+                **local,
+                "wall_seconds": round(wall, 2),
+                "images_per_second_wall": round(count / wall, 1),
+            }
+        )
+        out = work / f"{spec.name}-labels"
+        shutil.rmtree(out, ignore_errors=True)
+        label_runs.append(common.run_label(model, manifest, out))
+    local = _median_run(local_runs, "images_per_second_wall")
+    label = _median_run(label_runs, "images_per_second_wall")
+    seed_rate = seed["images_per_second"]
+    steady = label["images_per_second_steady"]  # None when all went into one part
+    return {
+        "images": count,
+        "image_size": f"{spec.width}x{spec.height}",
+        "mean_file_kib": round(sum(os.path.getsize(p) for p in paths) / len(paths) / 1024, 1),
+        "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "a_seed_loop": seed,
+        "b_local_pipeline": local,
+        "c_dogbread_label": label,
+        "runs": {
+            "b": [r["images_per_second_wall"] for r in local_runs],
+            "c": [r["images_per_second_wall"] for r in label_runs],
+        },
+        "c_over_a": round(label["images_per_second_wall"] / seed_rate, 1),
+        "c_over_b_wall": round(
+            label["images_per_second_wall"] / local["images_per_second_wall"], 2
+        ),
+        "c_over_b_steady": steady and round(steady / local["images_per_second_labeling"], 2),
+    }
+
+
+def _median_run(runs: list[dict], key: str) -> dict:
+    value = statistics.median_low(r[key] for r in runs)
+    return next(r for r in runs if r[key] == value)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=10_000, help="256x256 images")
+    parser.add_argument(
+        "--large-images", type=int, help="4000x3000 images (default: images/10; 0: none)"
+    )
+    parser.add_argument("--seed-images", type=int, default=300, help="images for the seed loop")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of (b) and (c); the median")
+    args = parser.parse_args(argv)
+    large = args.large_images if args.large_images is not None else max(1, args.images // 10)
+
+    work = Path(tempfile.mkdtemp(prefix="dogbread-throughput-"))
+    try:
+        result = {
+            "benchmark": "label_throughput",
+            "machine": common.machine(),  # the load average before the runs
+            "small": measure(common.SMALL, args.images, args.seed_images, args.repeat, work),
+        }
+        if large:
+            seed_large = max(1, args.seed_images // 3)  # each takes seconds in the seed's loop
+            result["large"] = measure(common.LARGE, large, seed_large, args.repeat, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    common.emit(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

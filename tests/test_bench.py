@@ -1,0 +1,165 @@
+"""The benchmarks run and print what bench/README.md's table is made of (at a tiny size: CI does
+not measure anything, it only keeps the scripts working); and the LiteRT runtime they measure
+reproduces Keras, or steps aside."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+REAL_PHOTOS = PROJECT.parent / "shared" / "data" / "dogbread-real" / "manifest.csv"
+
+
+@pytest.mark.slow
+def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
+    readme = tmp_path / "README.md"
+    shutil.copy(PROJECT / "bench" / "README.md", readme)
+    results = tmp_path / "results.json"
+    # A cache of its own: the images are drawn for this test, not taken from an earlier run.
+    # Short and outside pytest's tmp dirs: Ray's socket paths under it must fit in 107 bytes.
+    cache = tempfile.mkdtemp(prefix="db-bench-", dir="/tmp")
+    env = {**os.environ, "DOGBREAD_BENCH_CACHE": cache}
+    command = [sys.executable, "bench/run_all.py", "--smoke", "--results", str(results)]
+    command += ["--readme", str(readme)] + (["--accuracy"] if REAL_PHOTOS.exists() else [])
+    subprocess.run(command, cwd=PROJECT, env=env, check=True, timeout=600)
+
+    combined = json.loads(results.read_text())
+    assert combined["smoke"] is True
+    found = combined["results"]
+    throughput = found["label_throughput"]
+    assert throughput["machine"]["cpus"] >= 1 and len(throughput["machine"]["load_average"]) == 3
+    for key, images in (("small", 40), ("large", 3)):
+        r = throughput[key]
+        assert r["images"] == images
+        assert r["a_seed_loop"]["images_per_second"] > 0
+        assert r["b_local_pipeline"]["images_per_second_wall"] > 0
+        assert r["b_local_pipeline"]["errors"] == 0
+        c = r["c_dogbread_label"]
+        assert c["summary"]["labeled"] == images and c["summary"]["errors"] == {}
+        assert c["images_per_second_wall"] > 0 and c["first_batch_seconds"] > 0
+        assert r["c_over_a"] > 0 and r["c_over_b_wall"] > 0
+    memory = found["label_memory"]
+    assert set(memory["runs"]) == {"40", "80"}
+    assert all(
+        r["peak_rss_mib"] > 100 and r["peak_processes"] >= 3 for r in memory["runs"].values()
+    )
+    assert memory["rss_growth"] > 0 and memory["pss_growth"] > 0
+    startup = found["startup"]
+    assert 0 < startup["first_batch_seconds"] <= startup["wall_seconds"]
+    train = found["train_overhead"]
+    assert len(train["plain_keras"]["epoch_seconds"]) == 1
+    assert len(train["dogbread_train"]["1"]["epoch_seconds"]) == 1
+    assert train["overhead"]["1"] > 0
+    if REAL_PHOTOS.exists():
+        assert 0 <= found["accuracy"]["accuracy"] <= 1
+    text = readme.read_text()
+    assert (
+        "c/a" in text
+        and "growth" in text
+        and "--workers 1" in text
+        and combined["generated"] in text
+    )
+
+
+# --- the LiteRT runtime that labeling and predict run on (the benchmarks' fast path) ------------
+
+
+@pytest.fixture(scope="module")
+def seed_cnn():
+    import tf_keras as keras
+
+    from dogbread.model import build_model
+
+    keras.utils.set_random_seed(2)
+    return build_model()  # the default: the seed's network at 256x256
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> np.ndarray:
+    """16 synthetic JPEGs decoded as labeling decodes them."""
+    from dogbread.images import decode_image
+    from dogbread.synth import write_synthetic_tree
+
+    root = tmp_path_factory.mktemp("litert")
+    write_synthetic_tree(root, per_class=8, seed=4)
+    return np.stack([decode_image(p.read_bytes(), 256) for p in sorted(root.rglob("*.jpg"))])
+
+
+def test_litert_reproduces_keras_on_a_batch(seed_cnn, photos):
+    from dogbread.model import LiteRTModel, inference_model, predict_probabilities
+
+    assert isinstance(inference_model(seed_cnn), LiteRTModel)  # the fast path is the one taken
+    keras_outputs = seed_cnn(photos, training=False).numpy()
+    probabilities = predict_probabilities(seed_cnn, photos)
+    assert np.max(np.abs(probabilities[:, 1] - keras_outputs[:, 0])) <= 1e-4
+    # One image at a time (predict) and in a batch (label) give the same scores.
+    one = np.concatenate([predict_probabilities(seed_cnn, photos[i : i + 1]) for i in range(4)])
+    np.testing.assert_allclose(one, probabilities[:4], atol=1e-6)
+
+
+def test_a_litert_model_runs_without_tensorflow(seed_cnn, photos, tmp_path):
+    from dogbread.model import inference_model, predict_probabilities
+
+    (tmp_path / "model.pickle").write_bytes(pickle.dumps(inference_model(seed_cnn)))
+    np.save(tmp_path / "photos.npy", photos[:3])
+    script = (
+        "import pickle, sys, numpy as np\n"
+        "from dogbread.model import predict_probabilities\n"
+        f"model = pickle.load(open({str(tmp_path / 'model.pickle')!r}, 'rb'))\n"
+        f"p = predict_probabilities(model, np.load({str(tmp_path / 'photos.npy')!r}))\n"
+        f"np.save({str(tmp_path / 'out.npy')!r}, p)\n"
+        "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=PROJECT, check=True, timeout=120)
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "out.npy"), predict_probabilities(seed_cnn, photos[:3])
+    )
+
+
+def test_keras_runs_when_conversion_fails_or_differs(monkeypatch, caplog):
+    import tensorflow as tf
+
+    from dogbread import model as model_module
+    from dogbread.model import ModelConfig, build_model, inference_model, predict_probabilities
+
+    pixels = np.random.default_rng(5).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    broken = build_model(ModelConfig(image_size=64))
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("no converter today")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tf.lite.TFLiteConverter, "from_concrete_functions", fail)
+        assert inference_model(broken) is broken
+    assert "conversion failed (no converter today)" in caplog.text
+    expected = broken(pixels, training=False).numpy()[:, 0]
+    np.testing.assert_allclose(predict_probabilities(broken, pixels)[:, 1], expected, atol=1e-6)
+
+    strict = build_model(ModelConfig(image_size=64))
+    monkeypatch.setattr(model_module, "LITERT_TOLERANCE", -1.0)  # no difference passes
+    assert inference_model(strict) is strict
+    assert "LiteRT differs from it by" in caplog.text
+
+
+def test_a_model_trained_further_is_converted_again(photos):
+    from dogbread.model import ModelConfig, build_model, inference_model, predict_probabilities
+
+    model = build_model(ModelConfig(image_size=64))
+    pixels = photos[:4, ::4, ::4]  # 64x64
+    first = inference_model(model)
+    predict_probabilities(model, pixels)
+    kernel, bias = model.layers[-1].get_weights()
+    model.layers[-1].set_weights([kernel, bias + 1.0])
+    assert inference_model(model) is not first
+    expected = model(pixels, training=False).numpy()[:, 0]
+    np.testing.assert_allclose(predict_probabilities(model, pixels)[:, 1], expected, atol=1e-4)
