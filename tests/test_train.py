@@ -144,3 +144,13 @@ def test_unusable_trees_fail_before_ray_starts(tmp_path, layout, message):
     with pytest.raises(DataError, match=message):
         train.run(small_config(str(root), tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_reproduces_the_run_metrics_on_its_test_split(two_worker_run):
+    from dogbread import evaluate
+
+    out, metrics = two_worker_run
+    again = evaluate.run(str(out), str(out / "manifest.parquet"), split="test")
+    assert again["confusion_matrix"] == metrics["confusion_matrix"]
+    assert again["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert again["skipped_unreadable"] == metrics["skipped_unreadable"]["test"]
