@@ -25,20 +25,21 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_a_worker_dying_in_epoch_2_resumes_from_the_epoch_1_checkpoint(
-    synthetic_tree, tmp_path, capfd
-):
+def test_a_worker_dying_mid_run_resumes_from_its_last_checkpoint(synthetic_tree, tmp_path, capfd):
     marker = tmp_path / "fault-happened"
-    fault = {train.FAULT_EPOCH_ENV: "2", train.FAULT_MARKER_ENV: str(marker)}
+    # Epoch 3 of 4: Ray Train registers a checkpoint only once every worker's report of that
+    # epoch has been collected, so an earlier death may leave nothing to resume from yet.
+    fault = {train.FAULT_EPOCH_ENV: "3", train.FAULT_MARKER_ENV: str(marker)}
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {**WORKER_ENV, **fault}})
     try:
-        metrics = train.run(small_config(synthetic_tree, tmp_path / "run", workers=2, epochs=3))
+        metrics = train.run(small_config(synthetic_tree, tmp_path / "run", workers=2, epochs=4))
     finally:
         ray.shutdown()
     assert marker.exists(), "the worker did not die"
-    assert metrics["resumed_after_epochs"] == [1]
-    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3]
-    assert "resumed from the checkpoint of epoch 1" in capfd.readouterr().out
+    (resumed_after,) = metrics["resumed_after_epochs"]  # resumed once, not restarted from scratch
+    assert 1 <= resumed_after <= 2
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3, 4]
+    assert f"resumed from the checkpoint of epoch {resumed_after}" in capfd.readouterr().out
     assert (tmp_path / "run" / "model.keras").exists()
 
 
@@ -112,5 +113,7 @@ def test_resume_continues_a_killed_run_from_its_last_checkpoint(synthetic_tree, 
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["resumed_after_epochs"] and metrics["resumed_after_epochs"][0] >= 2
+    # The checkpoint folder of epoch 2 appears before Ray Train has registered it, so the run
+    # resumes after epoch 1 or 2: from a checkpoint either way, not from scratch.
+    assert metrics["resumed_after_epochs"] and metrics["resumed_after_epochs"][0] >= 1
     assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3, 4]

@@ -6,7 +6,7 @@ Promises:
     tests/test_label.py::test_a_killed_run_resumes_without_duplicates_or_rework (not repeated).
 (b) A Ray worker killed while it labels a batch: the batch is retried, no row is lost or doubled.
 (c) A training worker killed mid-epoch resumes from its last checkpoint: proven by
-    tests/test_train_faults.py::test_a_worker_dying_in_epoch_2_resumes_from_the_epoch_1_checkpoint
+    tests/test_train_faults.py::test_a_worker_dying_mid_run_resumes_from_its_last_checkpoint
     and a killed training driver by
     tests/test_train_faults.py::test_resume_continues_a_killed_run_from_its_last_checkpoint.
 (d) An S3 server stopped for a few seconds mid-run and started again: requests are retried, in
