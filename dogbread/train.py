@@ -109,8 +109,9 @@ def _train_and_evaluate(config: TrainConfig, manifest: data.Manifest) -> dict[st
     if sum(skipped.values()):
         log.warning("skipped %s unreadable images (train/val/test)", skipped)
     readable = manifest.split("train").num_rows - skipped["train"]
-    if readable < config.workers:
-        raise DataError(f"only {readable} readable training images")
+    needed = config.batch_size if config.workers > 1 else 1  # a full batch: see drop_last
+    if readable < needed:
+        raise DataError(f"only {readable} readable training images, {needed} needed")
 
     checkpoint = _fit(config, manifest, decoded)
     model = build_model(_model_config(config, manifest))
@@ -237,6 +238,10 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
             batch_size=per_worker_batch,
             local_shuffle_buffer_size=4 * per_worker_batch,
             local_shuffle_seed=loop_config["seed"] + epoch,
+            # Several workers drop their last, partial batch: tf-keras under the strategy
+            # crashed on a one-image batch ("input depth must be evenly divisible by filter
+            # depth": 769 photos per worker, 16 per batch). The shuffle drops others each epoch.
+            drop_last=context.get_world_size() > 1,
         )
         history = model.fit(train_tf, epochs=1, verbose=0)
         _maybe_inject_fault(epoch, rank)

@@ -7,6 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -104,6 +106,25 @@ def test_best_epoch_weights_are_the_saved_ones(two_worker_run):
     val_losses = [row["val_loss"] for row in metrics["history"]]
     assert metrics["best_epoch"] == 1 + val_losses.index(min(val_losses))
     assert metrics["best_val_loss"] == pytest.approx(min(val_losses))
+
+
+def test_two_workers_train_when_each_shard_ends_in_a_single_image(
+    ray_local, synthetic_tree, tmp_path
+):
+    # 18 training images, 2 workers of 8 per batch: each shard is 9 = 8 + 1, as with the real
+    # photos (769 per worker, 16 per batch), where tf-keras crashed on the one-image batch.
+    from dogbread import data
+
+    manifest = data.list_labeled_tree(synthetic_tree)
+    table = manifest.table.take(np.random.default_rng(0).permutation(manifest.table.num_rows))
+    splits = ["train"] * 18 + ["val"] * 6 + ["test"] * 6
+    table = table.slice(0, len(splits)).set_column(3, "split", pa.array(splits))
+    path = tmp_path / "manifest.parquet"
+    data.write_manifest(data.Manifest(table, manifest.class_names), str(path))
+    metrics = train.run(small_config(str(path), tmp_path / "run", workers=2, epochs=1))
+    (epoch,) = metrics["history"]
+    assert epoch["worker_weight_digests"][0] == epoch["worker_weight_digests"][1]
+    assert metrics["confusion_matrix"] and sum(map(sum, metrics["confusion_matrix"])) == 6
 
 
 def test_two_workers_learn_as_well_as_one(ray_local, two_worker_run, tree_with_bad_files, tmp_path):
