@@ -59,8 +59,12 @@ class LocalS3:
             "-s3.port.lance=0", f"-s3.config={self.root / 's3.json'}",
             "-s3.autoCreateBucket=false", "-webdav=false", "-admin.ui=false",
         ]  # fmt: skip
+        # Not our AWS variables: SeaweedFS reads AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY too. A
+        # server started while another one's keys were in os.environ (credentials_in_environment)
+        # answered its own s3.json keys with SignatureDoesNotMatch until it timed out.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         with open(self.root / "weed.log", "ab") as log:
-            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while True:  # ready when it answers an S3 call, not merely when the port is open
             if self._process.poll() is not None:
