@@ -21,7 +21,7 @@ import numpy as np
 
 import dogbread
 from dogbread import storage
-from dogbread.errors import ModelError
+from dogbread.errors import ModelError, StorageError
 
 if TYPE_CHECKING:  # TensorFlow is imported where a model is built or loaded: see LiteRTModel
     import tf_keras as keras
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILENAME = "model.keras"
 CARD_FILENAME = "model_card.json"
+LITERT_FILENAME = "model.tflite"  # its LiteRT conversion, when save_model was asked for it
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class ModelCard:
     data_fingerprint: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    # sha256 of the model.keras that model.tflite was converted from: a model.tflite beside
+    # another model.keras (copied over, retrained) is ignored, not served.
+    litert_keras_sha256: str = ""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -122,10 +126,10 @@ def predict_probabilities(model: keras.Model | LiteRTModel, images: np.ndarray) 
     return class_probabilities(runner(images, training=False).numpy())
 
 
-# On a CPU the seed CNN runs 1.5-2x faster in LiteRT's XNNPACK kernels than in TensorFlow, and
+# On a CPU the seed CNN runs about 2x faster in LiteRT's XNNPACK kernels than in TensorFlow, and
 # the model is most of the cost of labeling (bench/README.md).
 LITERT_TOLERANCE = 1e-4  # the largest |LiteRT - Keras| output on the check batch LiteRT may have
-LITERT_CHUNK = 32  # images per interpreter call: 128 at 256x256 would need a ~0.6 GB arena
+LITERT_CHUNK = 32  # images per interpreter call: 128 at 256x256 would need a ~0.5 GB arena
 
 
 class LiteRTModel:
@@ -202,9 +206,12 @@ def inference_model(model: keras.Model) -> keras.Model | LiteRTModel:
 
 
 def _convert(model: keras.Model) -> LiteRTModel | None:
-    try:
-        import tensorflow as tf
+    import tensorflow as tf
 
+    if tf.config.list_physical_devices("GPU"):
+        log.info("inference runs in Keras: TensorFlow on a GPU beats LiteRT on the CPU")
+        return None
+    try:
         # Converted with uint8 input, cast inside the graph (exactly, as Keras casts): ~6% faster
         # than feeding float32, and a quarter of the bytes per call.
         signature = tf.TensorSpec((None, *model.input_shape[1:]), tf.uint8)
@@ -215,7 +222,13 @@ def _convert(model: keras.Model) -> LiteRTModel | None:
         converter = tf.lite.TFLiteConverter.from_concrete_functions(
             [function.get_concrete_function()], model
         )
-        flatbuffer = converter.convert()
+        tf_log = logging.getLogger("tensorflow")
+        level = tf_log.level
+        tf_log.setLevel(logging.WARNING)  # not "Assets written to /tmp/...": its scratch copy
+        try:
+            flatbuffer = converter.convert()
+        finally:
+            tf_log.setLevel(level)
         converted = LiteRTModel(flatbuffer, tuple(model.output_shape))
         # Fixed pixels, so that every process takes the same decision for the same model: noise,
         # and blocks of flat colour, closer to photos.
@@ -250,30 +263,52 @@ def versions() -> dict[str, str]:
 
 
 def save_model(
-    model: keras.Model, card: ModelCard, directory: str, s3_endpoint: str | None = None
+    model: keras.Model,
+    card: ModelCard,
+    directory: str,
+    s3_endpoint: str | None = None,
+    litert: bool = False,
 ) -> ModelCard:
-    """Write model.keras and model_card.json into `directory` (local or s3://)."""
+    """Write model.keras and model_card.json into `directory` (local or s3://).
+
+    With `litert`, also model.tflite when the conversion reproduces Keras (inference_model):
+    `dogbread label` then starts without TensorFlow in its driver (see load_litert).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, MODEL_FILENAME)
         model.save(local)
         data = open(local, "rb").read()
+    sha256 = hashlib.sha256(data).hexdigest()
     card = dataclasses.replace(
         card,
         parameter_count=model.count_params(),
-        model_version=card.model_version or hashlib.sha256(data).hexdigest()[:12],
+        model_version=card.model_version or sha256[:12],
         versions=card.versions or versions(),
+        litert_keras_sha256="",
     )
+    converted = inference_model(model) if litert else None
+    if isinstance(converted, LiteRTModel):
+        storage.write_bytes(
+            storage.join(directory, LITERT_FILENAME), converted.flatbuffer, s3_endpoint
+        )
+        card = dataclasses.replace(card, litert_keras_sha256=sha256)
     storage.write_bytes(storage.join(directory, MODEL_FILENAME), data, s3_endpoint)
     storage.write_text(storage.join(directory, CARD_FILENAME), card.to_json(), s3_endpoint)
     return card
+
+
+def _model_paths(uri: str) -> tuple[str, str]:
+    """(the model's directory, its model.keras) for a model dir or a model.keras path."""
+    if not uri.endswith(".keras"):
+        return uri, storage.join(uri, MODEL_FILENAME)
+    return (uri.rsplit("/", 1)[0] if "/" in uri else "."), uri
 
 
 def load_model(uri: str, s3_endpoint: str | None = None) -> tuple[keras.Model, ModelCard]:
     """Load a model dir (or its model.keras) in Keras safe mode, with its model card."""
     import tf_keras as keras
 
-    directory = uri if not uri.endswith(".keras") else uri.rsplit("/", 1)[0] if "/" in uri else "."
-    model_uri = uri if uri.endswith(".keras") else storage.join(uri, MODEL_FILENAME)
+    directory, model_uri = _model_paths(uri)
     try:
         fs, path = storage.resolve(model_uri, s3_endpoint)
         data = storage.read_bytes(fs, path)
@@ -295,10 +330,41 @@ def load_model(uri: str, s3_endpoint: str | None = None) -> tuple[keras.Model, M
     else:  # a bare model file: name the classes by index
         n = max(2, model.output_shape[-1])
         card = ModelCard(tuple(f"class_{i}" for i in range(n)), model.input_shape[1], 0)
-    size = model.input_shape[1]
+    _check_image_size(card, model.input_shape[1])
+    return model, card
+
+
+def load_litert(uri: str, s3_endpoint: str | None = None) -> tuple[LiteRTModel, ModelCard] | None:
+    """The model.tflite that save_model(litert=True) wrote beside this very model.keras, with the
+    card; None when there is none (or it is of another model.keras). Needs no TensorFlow.
+
+    Safe as Keras safe mode is: the flatbuffer holds operators, not Python code.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    directory, model_uri = _model_paths(uri)
+    try:
+        card_uri = storage.join(directory, CARD_FILENAME)
+        card = ModelCard.from_json(storage.read_text(card_uri, s3_endpoint))
+        if not card.litert_keras_sha256:
+            return None
+        keras_bytes = storage.read_bytes(*storage.resolve(model_uri, s3_endpoint))
+        if hashlib.sha256(keras_bytes).hexdigest() != card.litert_keras_sha256:
+            log.info("%s is not of this %s: not used", LITERT_FILENAME, MODEL_FILENAME)
+            return None
+        litert_uri = storage.join(directory, LITERT_FILENAME)
+        flatbuffer = storage.read_bytes(*storage.resolve(litert_uri, s3_endpoint))
+        details = Interpreter(model_content=flatbuffer)
+        (image,), (output,) = details.get_input_details(), details.get_output_details()
+    except (OSError, StorageError, ValueError, TypeError, KeyError):  # then Keras is loaded
+        return None
+    _check_image_size(card, int(image["shape_signature"][1]))
+    return LiteRTModel(flatbuffer, (None, int(output["shape_signature"][-1]))), card
+
+
+def _check_image_size(card: ModelCard, size: int) -> None:
     if card.image_size != size:
         raise ModelError(f"model card says image size {card.image_size}, the model takes {size}")
-    return model, card
 
 
 def label_predictions(

@@ -382,7 +382,7 @@ def _write_artifacts(
         data_fingerprint=fingerprint.hexdigest()[:16],
         metrics={k: metrics[k] for k in ("accuracy", "precision", "recall", "images")},
     )
-    card = save_model(model, card, out, endpoint)
+    card = save_model(model, card, out, endpoint, litert=True)
     metrics["model_version"] = card.model_version
     storage.write_text(storage.join(out, "metrics.json"), json.dumps(metrics, indent=2), endpoint)
     buffer = io.StringIO()

@@ -6,6 +6,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,12 +16,15 @@ import tf_keras as keras
 from dogbread.errors import ModelError
 from dogbread.model import (
     CARD_FILENAME,
+    LITERT_FILENAME,
     MODEL_FILENAME,
+    LiteRTModel,
     ModelCard,
     ModelConfig,
     build_model,
     class_probabilities,
     label_predictions,
+    load_litert,
     load_model,
     predict_probabilities,
     save_model,
@@ -345,6 +350,38 @@ def test_a_card_whose_image_size_disagrees_raises_model_error(tmp_path):
     card_path.write_text(dataclasses.replace(card, image_size=64).to_json())
     with pytest.raises(ModelError, match=f"image size 64, the model takes {TINY}"):
         load_model(str(tmp_path))
+
+
+def test_a_model_saved_with_litert_is_served_without_tensorflow(tmp_path):
+    model = build_model(ModelConfig(image_size=TINY, num_classes=3))
+    card = save_model(model, ModelCard(("a", "b", "c"), TINY, 0), str(tmp_path), litert=True)
+    assert (tmp_path / LITERT_FILENAME).exists()
+    keras_bytes = (tmp_path / MODEL_FILENAME).read_bytes()
+    assert card.litert_keras_sha256 == hashlib.sha256(keras_bytes).hexdigest()
+    served, served_card = load_litert(str(tmp_path))
+    assert isinstance(served, LiteRTModel) and served_card == card
+    pixels = np.random.default_rng(4).integers(0, 256, (5, TINY, TINY, 3), dtype=np.uint8)
+    np.testing.assert_allclose(
+        predict_probabilities(served, pixels), predict_probabilities(model, pixels), atol=1e-4
+    )
+    # What `dogbread label` relies on for its start-up: no TensorFlow in the process.
+    probe = (
+        "import sys; from dogbread.model import load_litert; "
+        f"assert load_litert({str(tmp_path)!r}) is not None; "
+        "assert not [m for m in sys.modules if m.startswith(('tensorflow', 'tf_keras'))]"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=60)
+
+
+def test_a_litert_file_of_another_model_keras_is_not_served(tmp_path):
+    model = build_model(ModelConfig(image_size=TINY))
+    save_model(model, ModelCard(("bread", "dog"), TINY, 0), str(tmp_path), litert=True)
+    other = build_model(ModelConfig(image_size=TINY))
+    other.save(tmp_path / MODEL_FILENAME)  # replaced behind the card's back
+    assert load_litert(str(tmp_path)) is None
+    # Saving again without litert leaves the old model.tflite, which the new card disowns.
+    save_model(model, ModelCard(("bread", "dog"), TINY, 0), str(tmp_path))
+    assert (tmp_path / LITERT_FILENAME).exists() and load_litert(str(tmp_path)) is None
 
 
 def test_model_card_json_ignores_unknown_keys():
