@@ -109,7 +109,7 @@ def model_dir(image_size: int) -> str:
 
         keras.utils.set_random_seed(0)
         model = build_model(ModelConfig(image_size=image_size))
-        save_model(model, ModelCard(("bread", "dog"), image_size, 0), str(folder))
+        save_model(model, ModelCard(("bread", "dog"), image_size, 0), str(folder), litert=True)
     return str(folder)
 
 
@@ -201,12 +201,17 @@ class TreeMemory:
 
 
 def run_label(
-    model: str, manifest: str, output: Path, extra: list[str] | None = None
+    model: str,
+    manifest: str,
+    output: Path,
+    extra: list[str] | None = None,
+    sample_memory: bool = True,
 ) -> dict[str, Any]:
     """`python -m dogbread label` as a user runs it: wall time, first part, its summary, memory.
 
     The output folder is polled for the first Parquet part: a part is committed once its batch is
-    labeled, so its appearance is the first labeled batch.
+    labeled, so its appearance is the first labeled batch. Sampling memory reads every process's
+    smaps_rollup 5 times a second, which costs CPU: throughput runs leave it out.
     """
     command = [sys.executable, "-m", "dogbread", "label", "--model", model]
     command += ["--input", manifest, "--output", str(output), *(extra or [])]
@@ -215,14 +220,14 @@ def run_label(
     stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     started = time.monotonic()
     process = subprocess.Popen(command, env=ENV, cwd=PROJECT, stdout=stdout, stderr=stderr)
-    memory = TreeMemory(process.pid)
+    memory = TreeMemory(process.pid) if sample_memory else None
     first_part = None
     while process.poll() is None:
         if first_part is None and output.is_dir() and any(output.rglob("part-*.parquet")):
             first_part = time.monotonic() - started
         time.sleep(0.05)
     wall = time.monotonic() - started
-    peaks = memory.stop()
+    peaks = memory.stop() if memory else {}
     out, err = (_read_all(f) for f in (stdout, stderr))
     if process.returncode != 0:
         raise RuntimeError(f"dogbread label exited {process.returncode}:\n{err[-3000:]}")

@@ -65,7 +65,7 @@ def measure(spec: common.ImageSet, count: int, seed_count: int, repeat: int, wor
         )
         out = work / f"{spec.name}-labels"
         shutil.rmtree(out, ignore_errors=True)
-        label_runs.append(common.run_label(model, manifest, out))
+        label_runs.append(common.run_label(model, manifest, out, sample_memory=False))
     local = _median_run(local_runs, "images_per_second_wall")
     label = _median_run(label_runs, "images_per_second_wall")
     seed_rate = seed["images_per_second"]

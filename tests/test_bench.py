@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 PROJECT = Path(__file__).resolve().parents[1]
-REAL_PHOTOS = PROJECT.parent / "shared" / "data" / "dogbread-real" / "manifest.csv"
 
 
 @pytest.mark.slow
@@ -30,25 +29,28 @@ def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
     cache = tempfile.mkdtemp(prefix="db-bench-", dir="/tmp")
     env = {**os.environ, "DOGBREAD_BENCH_CACHE": cache}
     command = [sys.executable, "bench/run_all.py", "--smoke", "--results", str(results)]
-    command += ["--readme", str(readme)] + (["--accuracy"] if REAL_PHOTOS.exists() else [])
-    subprocess.run(command, cwd=PROJECT, env=env, check=True, timeout=600)
+    command += ["--readme", str(readme)]
+    try:
+        subprocess.run(command, cwd=PROJECT, env=env, check=True, timeout=600)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
     combined = json.loads(results.read_text())
     assert combined["smoke"] is True
     found = combined["results"]
     throughput = found["label_throughput"]
     assert throughput["machine"]["cpus"] >= 1 and len(throughput["machine"]["load_average"]) == 3
-    for key, images in (("small", 40), ("large", 3)):
-        r = throughput[key]
-        assert r["images"] == images
-        assert r["a_seed_loop"]["images_per_second"] > 0
-        assert r["b_local_pipeline"]["images_per_second_wall"] > 0
-        assert r["b_local_pipeline"]["errors"] == 0
-        c = r["c_dogbread_label"]
-        assert c["summary"]["labeled"] == images and c["summary"]["errors"] == {}
-        assert c["images_per_second_wall"] > 0 and c["first_batch_seconds"] > 0
-        # Ratios are rounded for the table: at smoke size they may round to 0.0.
-        assert r["c_over_a"] >= 0 and r["c_over_b_wall"] >= 0
+    assert "large" not in throughput  # --large-images 0: the same code on bigger files
+    small = throughput["small"]
+    assert small["images"] == 40
+    assert small["a_seed_loop"]["images_per_second"] > 0
+    assert small["b_local_pipeline"]["images_per_second_wall"] > 0
+    assert small["b_local_pipeline"]["errors"] == 0
+    c = small["c_dogbread_label"]
+    assert c["summary"]["labeled"] == 40 and c["summary"]["errors"] == {}
+    assert c["images_per_second_wall"] > 0 and c["first_batch_seconds"] > 0
+    # Ratios are rounded for the table: at smoke size they may round to 0.0.
+    assert small["c_over_a"] >= 0 and small["c_over_b_wall"] >= 0
     memory = found["label_memory"]
     assert set(memory["runs"]) == {"40", "80"}
     assert all(
@@ -61,8 +63,6 @@ def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
     assert len(train["plain_keras"]["epoch_seconds"]) == 1
     assert len(train["dogbread_train"]["1"]["epoch_seconds"]) == 1
     assert train["overhead"]["1"] > 0
-    if REAL_PHOTOS.exists():
-        assert 0 <= found["accuracy"]["accuracy"] <= 1
     text = readme.read_text()
     assert (
         "c/a" in text
