@@ -5,6 +5,7 @@ the val split's accuracy, precision and recall (dog is the positive class, as in
 The photos are read where they are; nothing is copied. Prints one JSON object.
 
     python bench/accuracy.py [--data ../shared/data/dogbread-real] [--epochs 20] [--augment]
+        [--architecture seed|residual] [--lr-schedule constant|cosine] [--image-size 256]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pyarrow.csv as pacsv
 from dogbread import data, train
 from dogbread.config import TrainConfig
 
+CONFIG_KEYS = ("workers", "epochs", "image_size", "augment", "architecture", "lr_schedule")
 SEED_NOTEBOOK = {"accuracy": 0.967, "precision": 0.984, "recall": 0.936}
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dogbread-real"
 
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--augment", action="store_true")
+    parser.add_argument("--architecture", default="seed", choices=("seed", "residual"))
+    parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"))
     parser.add_argument("--limit", type=int, help="at most this many photos per split (smoke)")
     parser.add_argument("--out", help="run dir (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -79,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
         patience=args.patience,
         image_size=args.image_size,
         augment=args.augment,
+        architecture=args.architecture,
+        lr_schedule=args.lr_schedule,
     )
     start = time.perf_counter()
     metrics = train.run(config)
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "accuracy",
         "data": str(args.data),
-        "config": {k: getattr(config, k) for k in ("workers", "epochs", "image_size", "augment")},
+        "config": {k: getattr(config, k) for k in CONFIG_KEYS},
         "epochs_run": metrics["epochs_run"],
         "best_epoch": metrics["best_epoch"],
         "val_images": metrics["images"],

@@ -44,6 +44,8 @@ class TrainConfig:
     learning_rate: float = 1e-3  # for the global batch; not rescaled with the worker count
     image_size: int = 256
     augment: bool = False
+    architecture: str = "seed"  # or "residual": stronger from scratch, not the seed's
+    lr_schedule: str = "constant"  # or "cosine": decays to 0 over `epochs`
     patience: int = 3  # early stopping on validation loss
     val_fraction: float = 0.1
     test_fraction: float = 0.1
@@ -59,6 +61,9 @@ class TrainConfig:
         # Three 3x3 convolutions with 2x2 pooling need at least 22 pixels; 32 leaves margin.
         _require(self.image_size >= 32, "image_size must be at least 32")
         _require(self.patience >= 1, "patience must be at least 1")
+        _require(self.architecture in ("seed", "residual"), "architecture must be seed or residual")
+        schedules = ("constant", "cosine")
+        _require(self.lr_schedule in schedules, "lr_schedule must be constant or cosine")
         _require(self.max_failures >= 0, "max_failures must not be negative")
         fractions = (self.val_fraction, self.test_fraction)
         _require(

@@ -33,12 +33,17 @@ CARD_FILENAME = "model_card.json"
 LITERT_FILENAME = "model.tflite"  # its LiteRT conversion, when save_model was asked for it
 
 
+ARCHITECTURES = ("seed", "residual")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     image_size: int = 256
     num_classes: int = 2
     augment: bool = False  # flip, small rotation and zoom; off keeps the seed's behaviour
     learning_rate: float = 1e-3
+    architecture: str = "seed"  # or "residual": stronger from scratch (see _residual_features)
+    decay_steps: int = 0  # > 0: cosine decay of the learning rate to 0 over that many steps
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,8 @@ def build_model(config: ModelConfig = ModelConfig()) -> keras.Model:
 
     if config.num_classes < 2:
         raise ModelError(f"num_classes must be at least 2, got {config.num_classes}")
-    regularizer = keras.regularizers.L2(0.01)
+    if config.architecture not in ARCHITECTURES:
+        raise ModelError(f"architecture must be one of {', '.join(ARCHITECTURES)}")
     inputs = keras.Input(shape=(config.image_size, config.image_size, 3), name="image")
     x = inputs
     if config.augment:
@@ -80,14 +86,7 @@ def build_model(config: ModelConfig = ModelConfig()) -> keras.Model:
         x = keras.layers.RandomZoom(0.1)(x)
     # Rescaling lives in the model so that every caller feeds raw uint8 pixels.
     x = keras.layers.Rescaling(1.0 / 255)(x)
-    for filters in (16, 32, 16):
-        x = keras.layers.Conv2D(filters, 3, activation="relu")(x)
-        x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Flatten()(x)
-    x = keras.layers.Dense(
-        256, activation="relu", kernel_regularizer=regularizer, bias_regularizer=regularizer
-    )(x)
-    x = keras.layers.Dropout(0.25)(x)
+    x = _seed_features(x) if config.architecture == "seed" else _residual_features(x)
     if config.num_classes == 2:
         outputs = keras.layers.Dense(1, activation="sigmoid", name="probability")(x)
         loss = "binary_crossentropy"
@@ -97,10 +96,47 @@ def build_model(config: ModelConfig = ModelConfig()) -> keras.Model:
         )
         loss = "sparse_categorical_crossentropy"
     model = keras.Model(inputs, outputs, name="dogbread_cnn")
-    model.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate), loss=loss, metrics=["accuracy"]
-    )
+    rate = config.learning_rate
+    if config.decay_steps:
+        rate = keras.optimizers.schedules.CosineDecay(rate, config.decay_steps)
+    model.compile(optimizer=keras.optimizers.Adam(rate), loss=loss, metrics=["accuracy"])
     return model
+
+
+def _seed_features(x: Any) -> Any:
+    """The seed notebook's network up to its output layer."""
+    import tf_keras as keras
+
+    regularizer = keras.regularizers.L2(0.01)
+    for filters in (16, 32, 16):
+        x = keras.layers.Conv2D(filters, 3, activation="relu")(x)
+        x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(
+        256, activation="relu", kernel_regularizer=regularizer, bias_regularizer=regularizer
+    )(x)
+    return keras.layers.Dropout(0.25)(x)
+
+
+def _residual_features(x: Any) -> Any:
+    """keras-io's "image classification from scratch" network, narrower (0.18 M parameters):
+    a strided stem, three residual blocks of separable convolutions with batch normalization,
+    global average pooling. The seed plateaus near 0.89 on real photos; this learns further."""
+    import tf_keras as keras
+
+    layers = keras.layers
+    x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False)(x)
+    x = layers.Activation("relu")(layers.BatchNormalization()(x))
+    previous = x
+    for filters in (64, 128, 256):
+        for _ in range(2):
+            x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False)(x)
+            x = layers.Activation("relu")(layers.BatchNormalization()(x))
+        x = layers.MaxPooling2D(3, strides=2, padding="same")(x)
+        shortcut = layers.Conv2D(filters, 1, strides=2, padding="same")(previous)
+        x = previous = layers.add([x, shortcut])
+    x = layers.GlobalAveragePooling2D()(x)
+    return layers.Dropout(0.3)(x)
 
 
 def class_probabilities(outputs: np.ndarray) -> np.ndarray:

@@ -113,7 +113,7 @@ def _train_and_evaluate(config: TrainConfig, manifest: data.Manifest) -> dict[st
     if readable < needed:
         raise DataError(f"only {readable} readable training images, {needed} needed")
 
-    checkpoint = _fit(config, manifest, decoded)
+    checkpoint = _fit(config, manifest, decoded, readable)
     model = build_model(_model_config(config, manifest))
     with checkpoint.as_directory() as directory:
         with open(os.path.join(directory, STATE)) as f:
@@ -137,18 +137,21 @@ def _train_and_evaluate(config: TrainConfig, manifest: data.Manifest) -> dict[st
     return metrics
 
 
-def _model_config(config: TrainConfig, manifest: data.Manifest) -> Any:
+def _model_config(config: TrainConfig, manifest: data.Manifest, train_images: int = 0) -> Any:
     from dogbread.model import ModelConfig
 
+    steps = config.epochs * math.ceil(train_images / config.batch_size)
     return ModelConfig(
         image_size=config.image_size,
         num_classes=len(manifest.class_names),
         augment=config.augment,
         learning_rate=config.learning_rate,
+        architecture=config.architecture,
+        decay_steps=steps if config.lr_schedule == "cosine" else 0,
     )
 
 
-def _fit(config: TrainConfig, manifest: data.Manifest, decoded: dict) -> Any:
+def _fit(config: TrainConfig, manifest: data.Manifest, decoded: dict, train_images: int) -> Any:
     """Run the TensorflowTrainer; returns the last checkpoint (state, current and best weights)."""
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
@@ -157,7 +160,7 @@ def _fit(config: TrainConfig, manifest: data.Manifest, decoded: dict) -> Any:
     trainer = TensorflowTrainer(
         _train_loop,
         train_loop_config={
-            "model": dataclasses.asdict(_model_config(config, manifest)),
+            "model": dataclasses.asdict(_model_config(config, manifest, train_images)),
             "epochs": config.epochs,
             "batch_size": config.batch_size,
             "patience": config.patience,

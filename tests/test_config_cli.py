@@ -108,6 +108,18 @@ def test_wrong_type_is_a_config_error(tmp_path, line, field):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"architecture": "resnet50"}, "architecture must be seed or residual"),
+        ({"lr_schedule": "step"}, "lr_schedule must be constant or cosine"),
+    ],
+)
+def test_unknown_choices_are_config_errors(change, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**REQUIRED, **change)
+
+
 def test_bad_yaml_files_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(TrainConfig, str(tmp_path / "missing.yaml"))

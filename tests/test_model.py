@@ -30,6 +30,7 @@ from dogbread.model import (
     save_model,
 )
 
+RESIDUAL_PARAMETERS = 183_361  # independent of the image size (global average pooling)
 TINY = 32  # smallest convenient size for save/load tests: 30->15->13->6->4->2
 
 
@@ -189,6 +190,33 @@ def test_augmentation_adds_layers_but_no_parameters_and_is_off_at_inference():
 def test_fewer_than_two_classes_raise_model_error(num_classes):
     with pytest.raises(ModelError, match=f"num_classes must be at least 2, got {num_classes}"):
         build_model(ModelConfig(image_size=TINY, num_classes=num_classes))
+
+
+def test_the_residual_architecture_keeps_the_contract_with_a_fraction_of_the_parameters():
+    model = build_model(ModelConfig(image_size=160, architecture="residual"))
+    assert model.count_params() == RESIDUAL_PARAMETERS
+    assert model.input_shape == (None, 160, 160, 3) and model.output_shape == (None, 1)
+    assert type(model.layers[1]) is keras.layers.Rescaling  # uint8 in, as for the seed
+    assert layers_of(model, keras.layers.BatchNormalization)
+    assert layers_of(model, keras.layers.GlobalAveragePooling2D)
+    three = build_model(ModelConfig(image_size=64, num_classes=3, architecture="residual"))
+    pixels = np.random.default_rng(5).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    probabilities = predict_probabilities(three, pixels)
+    assert probabilities.shape == (4, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+
+
+def test_an_unknown_architecture_raises_model_error():
+    with pytest.raises(ModelError, match="seed, residual"):
+        build_model(ModelConfig(image_size=TINY, architecture="resnet50"))
+
+
+def test_cosine_decay_takes_the_learning_rate_to_zero_over_decay_steps():
+    optimizer = build_model(ModelConfig(image_size=TINY, decay_steps=100)).optimizer
+    schedule = keras.optimizers.schedules.deserialize(optimizer.get_config()["learning_rate"])
+    assert float(schedule(0)) == pytest.approx(1e-3)
+    assert float(schedule(50)) == pytest.approx(5e-4)
+    assert float(schedule(100)) == pytest.approx(0, abs=1e-9)
 
 
 def test_build_model_is_pure():
