@@ -7,6 +7,7 @@ the first N files, listed in a manifest, and a larger run only draws the missing
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -258,6 +259,14 @@ def _read_all(file: IO[str]) -> str:
     with file:
         file.seek(0)
         return file.read()
+
+
+def model_and_input_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of the scripts that label a manifest with a model: --model, --input."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--input", required=True, help="a CSV manifest with a path column")
+    return parser
 
 
 def emit(result: dict[str, Any]) -> None:

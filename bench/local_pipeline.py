@@ -10,7 +10,6 @@ uses, on all cores. Labels and scores go to one Parquet file. Prints one JSON ob
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,13 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from dogbread.images import ImageDecodeError, decode_image
-from dogbread.model import inference_model, label_predictions, load_model, predict_probabilities
+from dogbread.model import (
+    inference_model,
+    label_predictions,
+    load_litert,
+    load_model,
+    predict_probabilities,
+)
 
 CHUNK = 32  # images per model call, as in the label actor
 
@@ -36,15 +41,19 @@ def _decode(path: str, size: int) -> np.ndarray | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--input", required=True, help="a CSV manifest with a path column")
+    parser = common.model_and_input_parser(__doc__)
     parser.add_argument("--output", required=True, help="a Parquet file")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    model, card = load_model(args.model)
-    runner = inference_model(model)  # converted once, as the label driver does
+    # As `dogbread label` does: the model's saved LiteRT conversion if it has one (no
+    # TensorFlow to import), else the Keras model, converted once.
+    saved = load_litert(args.model)
+    if saved:
+        runner, card = saved
+    else:
+        model, card = load_model(args.model)
+        runner = inference_model(model)
     paths = pacsv.read_csv(args.input)["path"].to_pylist()
     ready = time.perf_counter()
 
@@ -78,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         "images": len(paths),
         "runtime": type(runner).__name__,
         "threads": threads,
-        "setup_seconds": round(ready - started, 2),  # TensorFlow import, model load, conversion
+        "setup_seconds": round(ready - started, 2),  # model load (and conversion, if needed)
         "labeling_seconds": round(finished - ready, 2),
         "images_per_second_labeling": round(len(paths) / (finished - ready), 1),
         "errors": int((~decoded_ok).sum()),

@@ -9,7 +9,6 @@ Prints one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import common
@@ -21,9 +20,7 @@ from dogbread.model import MODEL_FILENAME
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--input", required=True, help="a CSV manifest with a path column")
+    parser = common.model_and_input_parser(__doc__)
     parser.add_argument("--limit", type=int, help="only the first N images (the loop is slow)")
     args = parser.parse_args(argv)
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 PROJECT = Path(__file__).resolve().parents[1]
+REAL_PHOTOS = PROJECT.parent / "shared" / "data" / "dogbread-real" / "manifest.csv"
 
 
 @pytest.mark.slow
@@ -29,7 +30,7 @@ def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
     cache = tempfile.mkdtemp(prefix="db-bench-", dir="/tmp")
     env = {**os.environ, "DOGBREAD_BENCH_CACHE": cache}
     command = [sys.executable, "bench/run_all.py", "--smoke", "--results", str(results)]
-    command += ["--readme", str(readme)]
+    command += ["--readme", str(readme)] + (["--accuracy"] if REAL_PHOTOS.exists() else [])
     try:
         subprocess.run(command, cwd=PROJECT, env=env, check=True, timeout=600)
     finally:
@@ -63,6 +64,11 @@ def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
     assert len(train["plain_keras"]["epoch_seconds"]) == 1
     assert len(train["dogbread_train"]["1"]["epoch_seconds"]) == 1
     assert train["overhead"]["1"] > 0
+    if REAL_PHOTOS.exists():  # the residual recipe, 1 epoch on 16 photos per split
+        accuracy = found["accuracy_residual"]
+        assert accuracy["config"]["architecture"] == "residual" and accuracy["epochs_run"] == 1
+        assert 0 <= accuracy["accuracy"] <= 1 and accuracy["val_images"] == 16
+        assert "accuracy_seed" not in found  # the smoke leaves the seed's training to test_train
     text = readme.read_text()
     assert (
         "c/a" in text
