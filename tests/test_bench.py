@@ -30,7 +30,9 @@ def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
     cache = tempfile.mkdtemp(prefix="db-bench-", dir="/tmp")
     env = {**os.environ, "DOGBREAD_BENCH_CACHE": cache}
     command = [sys.executable, "bench/run_all.py", "--smoke", "--results", str(results)]
-    command += ["--readme", str(readme)] + (["--accuracy"] if REAL_PHOTOS.exists() else [])
+    # Not --accuracy: its training would add ~38 s to a suite that must stay under 10 minutes.
+    # What accuracy.py adds to `train.run`, real_photo_manifest(), runs in train_overhead's smoke.
+    command += ["--readme", str(readme)]
     try:
         subprocess.run(command, cwd=PROJECT, env=env, check=True, timeout=600)
     finally:
@@ -64,11 +66,8 @@ def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
     assert len(train["plain_keras"]["epoch_seconds"]) == 1
     assert len(train["dogbread_train"]["1"]["epoch_seconds"]) == 1
     assert train["overhead"]["1"] > 0
-    if REAL_PHOTOS.exists():  # the residual recipe, 1 epoch on 16 photos per split
-        accuracy = found["accuracy_residual"]
-        assert accuracy["config"]["architecture"] == "residual" and accuracy["epochs_run"] == 1
-        assert 0 <= accuracy["accuracy"] <= 1 and accuracy["val_images"] == 16
-        assert "accuracy_seed" not in found  # the smoke leaves the seed's training to test_train
+    if REAL_PHOTOS.exists():
+        assert train["data"].startswith("real photos")
     text = readme.read_text()
     assert (
         "c/a" in text
