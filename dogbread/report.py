@@ -244,7 +244,7 @@ def _training_page(run_dir: str, endpoint: str | None) -> str:
 
 def _misclassified(run_dir: str, card: dict[str, Any], endpoint: str | None) -> str:
     """Predict a bounded sample of the test split in-process and show the images it gets wrong."""
-    from dogbread.model import load_model, predict_probabilities  # TensorFlow: only here
+    from dogbread.model import load_litert, load_model, predict_probabilities
 
     uri = storage.join(run_dir, "manifest.parquet")
     if not storage.exists(uri, endpoint):
@@ -259,7 +259,8 @@ def _misclassified(run_dir: str, card: dict[str, Any], endpoint: str | None) -> 
     ok = [i for i, p in enumerate(pixels) if not isinstance(p, str)]
     if not ok:
         return _note(f"none of {len(test)} test images could be read")
-    model, _ = load_model(run_dir, endpoint)
+    # The run's saved LiteRT model when it has one: no TensorFlow, no conversion (seconds).
+    model, _ = load_litert(run_dir, endpoint) or load_model(run_dir, endpoint)
     images = np.stack([pixels[i] for i in ok])
     probabilities = np.concatenate(
         [predict_probabilities(model, images[j : j + 32]) for j in range(0, len(ok), 32)]
