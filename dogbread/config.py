@@ -33,6 +33,10 @@ class SynthConfig:
         _require(len(self.classes) >= 2, "at least two classes are needed")
 
 
+ARCHITECTURES = ("seed", "residual")  # dogbread.model builds them
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     data: str  # a labeled tree (local or s3://) or a manifest written by `dogbread manifest`
@@ -61,9 +65,12 @@ class TrainConfig:
         # Three 3x3 convolutions with 2x2 pooling need at least 22 pixels; 32 leaves margin.
         _require(self.image_size >= 32, "image_size must be at least 32")
         _require(self.patience >= 1, "patience must be at least 1")
-        _require(self.architecture in ("seed", "residual"), "architecture must be seed or residual")
-        schedules = ("constant", "cosine")
-        _require(self.lr_schedule in schedules, "lr_schedule must be constant or cosine")
+        _require(
+            self.architecture in ARCHITECTURES, f"architecture must be {' or '.join(ARCHITECTURES)}"
+        )
+        _require(
+            self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be {' or '.join(LR_SCHEDULES)}"
+        )
         _require(self.max_failures >= 0, "max_failures must not be negative")
         fractions = (self.val_fraction, self.test_fraction)
         _require(

@@ -166,12 +166,9 @@ def _check_model(config: LabelConfig) -> tuple[tuple[pafs.FileSystem, str], Any,
     Loading it here fails fast on a bad model. A model saved with its LiteRT conversion (as
     `dogbread train` saves it) is read without TensorFlow: ~3 s less before the first batch.
     """
-    from dogbread.model import MODEL_FILENAME, load_litert, load_model
+    from dogbread.model import load_litert, load_model, model_paths
 
-    uri = config.model
-    if not uri.endswith(".keras"):
-        uri = storage.join(uri, MODEL_FILENAME)
-    model_file = storage.resolve(uri, config.s3_endpoint)
+    model_file = storage.resolve(model_paths(config.model)[1], config.s3_endpoint)
     saved = None if config.use_gpu else load_litert(config.model, config.s3_endpoint)
     model, card = saved or load_model(config.model, config.s3_endpoint)
     return model_file, card, model
@@ -349,9 +346,9 @@ def _inference_model(model: Any, use_gpu: bool) -> Any:
     when LiteRT does not reproduce Keras)."""
     from dogbread.model import LiteRTModel, inference_model
 
-    if use_gpu or isinstance(model, LiteRTModel):
-        return None if use_gpu else model
-    converted = inference_model(model)
+    if use_gpu:
+        return None
+    converted = model if isinstance(model, LiteRTModel) else inference_model(model)
     return converted if isinstance(converted, LiteRTModel) else None
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 import dogbread
 from dogbread import storage
+from dogbread.config import ARCHITECTURES
 from dogbread.errors import ModelError, StorageError
 
 if TYPE_CHECKING:  # TensorFlow is imported where a model is built or loaded: see LiteRTModel
@@ -31,9 +32,6 @@ log = logging.getLogger(__name__)
 MODEL_FILENAME = "model.keras"
 CARD_FILENAME = "model_card.json"
 LITERT_FILENAME = "model.tflite"  # its LiteRT conversion, when save_model was asked for it
-
-
-ARCHITECTURES = ("seed", "residual")
 
 
 @dataclass(frozen=True)
@@ -333,7 +331,7 @@ def save_model(
     return card
 
 
-def _model_paths(uri: str) -> tuple[str, str]:
+def model_paths(uri: str) -> tuple[str, str]:
     """(the model's directory, its model.keras) for a model dir or a model.keras path."""
     if not uri.endswith(".keras"):
         return uri, storage.join(uri, MODEL_FILENAME)
@@ -344,7 +342,7 @@ def load_model(uri: str, s3_endpoint: str | None = None) -> tuple[keras.Model, M
     """Load a model dir (or its model.keras) in Keras safe mode, with its model card."""
     import tf_keras as keras
 
-    directory, model_uri = _model_paths(uri)
+    directory, model_uri = model_paths(uri)
     try:
         fs, path = storage.resolve(model_uri, s3_endpoint)
         data = storage.read_bytes(fs, path)
@@ -378,7 +376,7 @@ def load_litert(uri: str, s3_endpoint: str | None = None) -> tuple[LiteRTModel, 
     """
     from ai_edge_litert.interpreter import Interpreter
 
-    directory, model_uri = _model_paths(uri)
+    directory, model_uri = model_paths(uri)
     try:
         card_uri = storage.join(directory, CARD_FILENAME)
         card = ModelCard.from_json(storage.read_text(card_uri, s3_endpoint))
