@@ -7,9 +7,14 @@ MultiWorkerMirroredStrategy, the decoded splits materialized in Ray's object sto
 times are the `seconds` of metrics.json's history (fit plus validation; the checkpoint is not
 in them). The plain fit gets the same pixels, decoded once into numpy arrays, and is timed the
 same way (fit plus validation per epoch). Steady state: the median of epochs 2..n.
+
+Rounds: a fit of 512 random images here took ~8.5 s in some runs and ~10.3 s in others (then
+with 1.6 of the 2 CPUs busy), so that one pair of runs could show an overhead that is not there.
+Each round runs the plain fit and then `dogbread train --workers 1`, back to back; the
+overhead is the median of the rounds' ratios. Other worker counts run in the first round only.
 Prints one JSON object.
 
-    python bench/train_overhead.py [--epochs 5] [--workers 1 2] [--limit N]
+    python bench/train_overhead.py [--epochs 5] [--workers 1 2] [--rounds 3] [--limit N]
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ def training_manifest(work: Path, limit: int | None) -> tuple[str, str]:
 
 def dogbread_epochs(manifest: str, workers: int, epochs: int, work: Path) -> dict[str, Any]:
     out = work / f"run-{workers}"
+    out.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "dogbread", "train", "--data", manifest, "--out", str(out)]
     command += ["--workers", str(workers), "--epochs", str(epochs), "--patience", str(epochs)]
     # No retries: a run resumed from a checkpoint would mix restarts into the epoch times.
@@ -115,17 +121,31 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--limit", type=int, help="at most this many photos per split (smoke)")
     args = parser.parse_args(argv)
 
     machine = common.machine()  # the load average before the runs
     work = Path(tempfile.mkdtemp(prefix="dogbread-train-overhead-"))
+    rounds = []
     try:
         manifest, source = training_manifest(work, args.limit)
-        plain = plain_keras_epochs(manifest, args.epochs)
-        runs = {str(w): dogbread_epochs(manifest, w, args.epochs, work) for w in args.workers}
+        for number in range(args.rounds):
+            counts = args.workers if number == 0 else [w for w in args.workers if w == 1]
+            plain = plain_keras_epochs(manifest, args.epochs)
+            runs = {
+                str(w): dogbread_epochs(manifest, w, args.epochs, work / str(number))
+                for w in counts
+            }
+            rounds.append({"plain_keras": plain, "dogbread_train": runs})
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    overhead: dict[str, list[float]] = {}
+    for round_ in rounds:
+        plain_steady = round_["plain_keras"]["steady_epoch_seconds"]
+        for w, run_ in round_["dogbread_train"].items():
+            if "error" not in run_:
+                overhead.setdefault(w, []).append(run_["steady_epoch_seconds"] / plain_steady)
     result = {
         "benchmark": "train_overhead",
         "machine": machine,
@@ -133,13 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
         "image_size": SIZE,
         "batch_size": BATCH,
         "epochs": args.epochs,
-        "plain_keras": plain,
-        "dogbread_train": runs,
-        "overhead": {
-            w: round(r["steady_epoch_seconds"] / plain["steady_epoch_seconds"], 3)
-            for w, r in runs.items()
-            if "error" not in r
-        },
+        "rounds": rounds,
+        "overhead": {w: round(statistics.median(r), 3) for w, r in overhead.items()},
+        "overhead_by_round": {w: [round(x, 3) for x in r] for w, r in overhead.items()},
     }
     common.emit(result)
     return result
