@@ -9,6 +9,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from typing import Any
 
 import pytest
 
@@ -43,7 +44,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(_work_unit(item.nodeid), len(rank)))
 
 
-def pytest_xdist_make_scheduler(config: pytest.Config, log):
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     # Not --dist loadgroup with marks: xdist 3.8 renames the items for it in a way pytest 9.2
     # ignores, so the groups were silently dropped.
     from xdist.scheduler import LoadScopeScheduling
