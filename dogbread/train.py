@@ -233,6 +233,9 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
         for node, gpus in _gather(strategy, context, placement)
     ]
 
+    # Validation's model call, traced (per input shape: the last batch may be smaller) rather
+    # than eager: 0.8 s instead of 1.25 s per epoch for the real photos' 333 val images.
+    forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
     per_worker_batch = max(1, loop_config["batch_size"] // context.get_world_size())
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -256,7 +259,7 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
         # by _validate) are the same on every worker, so all take the same early-stopping
         # decision and none is left waiting alone in a collective.
         metrics = {k: float(v[-1]) for k, v in history.history.items()}
-        metrics.update(_validate(strategy, context, model, val_shard, per_worker_batch))
+        metrics.update(_validate(strategy, context, model, forward, val_shard, per_worker_batch))
         metrics.update(epoch=epoch, seconds=round(time.perf_counter() - start, 3))
         # Evidence that data parallelism really synchronizes: every worker's weight digest,
         # gathered through the same collective that all-reduces the gradients.
@@ -312,8 +315,11 @@ def _gather(strategy: Any, context: Any, values: list[float]) -> list[list[float
     return gathered.numpy().tolist()
 
 
-def _validate(strategy: Any, context: Any, model: Any, shard: Any, batch_size: int) -> dict:
-    """Validation loss and accuracy over all workers' shards.
+def _validate(
+    strategy: Any, context: Any, model: Any, forward: Any, shard: Any, batch_size: int
+) -> dict:
+    """Validation loss and accuracy over all workers' shards; `forward` is the model's traced
+    inference call.
 
     Computed by hand rather than with fit(validation_data=...): tf-keras's distributed evaluate
     failed here on a worker whose last batch held a single image.
@@ -324,7 +330,7 @@ def _validate(strategy: Any, context: Any, model: Any, shard: Any, batch_size: i
     per_sample_loss = keras.losses.get(model.loss)
     loss_sum = correct = count = 0.0
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        probabilities = model(batch["image"], training=False).numpy()
+        probabilities = forward(batch["image"]).numpy()
         labels = batch["label"]
         if probabilities.shape[-1] == 1:  # sigmoid head
             targets = labels.reshape(-1, 1).astype(np.float32)
