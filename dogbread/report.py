@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
-from dogbread import label, storage  # label's own listing, counting and reading: the two agree
+from dogbread import label, labeler, storage  # labeling's own listing, counting and reading
 from dogbread.config import CONFIG_FILENAME
 from dogbread.errors import DataError
 from dogbread.images import ImageDecodeError, decode_image
@@ -89,10 +89,10 @@ def try_write_report(target: str, s3_endpoint: str | None = None) -> None:
 
 def _label_page(output: str, endpoint: str | None) -> str:
     fs, root = storage.resolve(output, endpoint)
-    parts = label._part_files(fs, root)
+    parts = label.part_files(fs, root)
     if not parts:
         raise DataError(f"{output} holds neither label parts nor a training run")
-    dataset = pads.dataset(parts, filesystem=fs, schema=label.OUTPUT_SCHEMA)
+    dataset = pads.dataset(parts, filesystem=fs, schema=labeler.OUTPUT_SCHEMA)
     scanner = dataset.scanner(columns=["label", "score", "error"])
     batches, origins, seen = [], [], Counter()
     for tagged in scanner.scan_batches():  # in order, each batch with the part it came from
@@ -102,8 +102,8 @@ def _label_page(output: str, endpoint: str | None) -> str:
         batches.append(batch)
     table = pa.Table.from_batches(batches, scanner.projected_schema)
     starts = np.cumsum([0] + [b.num_rows for b in batches])  # each batch's first table row
-    counts = label._count_rows(table)  # counted as summary.json counts
-    labels, errors = label._by_kind(counts, "label"), label._by_kind(counts, "error")
+    counts = labeler.count_rows(table)  # counted as summary.json counts
+    labels, errors = label.by_kind(counts, "label"), label.by_kind(counts, "error")
     config = _read(storage.join(output, CONFIG_FILENAME), endpoint, yaml.safe_load) or {}
 
     rng = np.random.default_rng(0)  # the same sample every time the report is written
@@ -294,7 +294,9 @@ def _decode_all(paths: list[str], size: int, endpoint: str | None) -> list[np.nd
     local = pafs.LocalFileSystem()
 
     def one(uri: str) -> np.ndarray | str:
-        content = label._read_file(s3 if storage.is_s3(uri) else local, uri)  # as labeling reads it
+        content = labeler.read_file(
+            s3 if storage.is_s3(uri) else local, uri
+        )  # as labeling reads it
         try:
             return content if isinstance(content, str) else decode_image(content, size)
         except ImageDecodeError as exc:

@@ -98,7 +98,7 @@ def test_a_labeling_worker_killed_mid_batch_is_retried_without_losing_or_duplica
         for pid in descendants(os.getpid()) if parts else []:
             name = title(pid)
             # The labeling actor while it runs a batch: its title ends with the method's name.
-            if name.startswith("ray::") and "_Labeler" in name and name.endswith(".submit"):
+            if name.startswith("ray::") and "Labeler" in name and name.endswith(".submit"):
                 os.kill(pid, signal.SIGKILL)
                 killed.append((pid, name, parts))
                 break
