@@ -50,7 +50,7 @@ import pyarrow.fs as pafs
 from dogbread import data, storage
 from dogbread.config import CONFIG_FILENAME, LabelConfig, dump_config
 from dogbread.errors import ConfigError, DataError, StorageError
-from dogbread.labeler import OUTPUT_SCHEMA, PART_PREFIX, Labeler, count_rows
+from dogbread.labeler import OUTPUT_SCHEMA, PART_PREFIX, Labeler, by_kind, count_rows
 
 log = logging.getLogger(__name__)
 
@@ -225,10 +225,6 @@ def _read_done(fs: pafs.FileSystem, root: str, output: str, model_version: str) 
             f"{model_version}: label into another output"
         )
     return done
-
-
-def by_kind(counts: Counter[str], kind: str) -> dict[str, int]:
-    return {k.split("\t", 1)[1]: n for k, n in sorted(counts.items()) if k.startswith(kind + "\t")}
 
 
 def _label(

@@ -154,6 +154,11 @@ def count_rows(table: pa.Table) -> Counter[str]:
     return counts
 
 
+def by_kind(counts: Counter[str], kind: str) -> dict[str, int]:
+    """count_rows' counts of one kind ("label" or "error"), by label or reason code."""
+    return {k.split("\t", 1)[1]: n for k, n in sorted(counts.items()) if k.startswith(kind + "\t")}
+
+
 def _load_model_file(model_file: tuple[pafs.FileSystem, str], card_json: str) -> tuple[Any, Any]:
     from dogbread.model import CARD_FILENAME, MODEL_FILENAME, load_model
 

@@ -103,7 +103,7 @@ def _label_page(output: str, endpoint: str | None) -> str:
     table = pa.Table.from_batches(batches, scanner.projected_schema)
     starts = np.cumsum([0] + [b.num_rows for b in batches])  # each batch's first table row
     counts = labeler.count_rows(table)  # counted as summary.json counts
-    labels, errors = label.by_kind(counts, "label"), label.by_kind(counts, "error")
+    labels, errors = labeler.by_kind(counts, "label"), labeler.by_kind(counts, "error")
     config = _read(storage.join(output, CONFIG_FILENAME), endpoint, yaml.safe_load) or {}
 
     rng = np.random.default_rng(0)  # the same sample every time the report is written
@@ -294,9 +294,7 @@ def _decode_all(paths: list[str], size: int, endpoint: str | None) -> list[np.nd
     local = pafs.LocalFileSystem()
 
     def one(uri: str) -> np.ndarray | str:
-        content = labeler.read_file(
-            s3 if storage.is_s3(uri) else local, uri
-        )  # as labeling reads it
+        content = labeler.read_file(s3 if storage.is_s3(uri) else local, uri)  # as labeling does
         try:
             return content if isinstance(content, str) else decode_image(content, size)
         except ImageDecodeError as exc:
