@@ -115,7 +115,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
                 f"{r['dogbread_train'][workers]['steady_epoch_seconds']} s vs "
                 f"{r['plain_keras']['steady_epoch_seconds']} s"
                 for r in train["rounds"]
-                if "error" not in r["dogbread_train"].get(workers, {"error": ""})
+                if workers in r["dogbread_train"] and "error" not in r["dogbread_train"][workers]
             ]
             measured = (
                 f"**{train['overhead'][workers]}x** (median of rounds "

@@ -30,8 +30,12 @@ SMALL = 64  # tests train and label at 64x64: the same network, a fraction of th
 # test file, so that a module's fixtures are built once, or all of tests/reliability, whose files
 # share the costly session fixtures of its conftest. The longest units go first, so that neither
 # process is left alone with a long one at the end (measured in one process: ~95 to ~150 s each).
-LONGEST_FIRST = ("tests/reliability", "tests/test_train_faults.py", "tests/test_train.py")
-LONGEST_FIRST += ("tests/test_bench.py",)
+LONGEST_FIRST = (
+    "tests/reliability",
+    "tests/test_train_faults.py",
+    "tests/test_train.py",
+    "tests/test_bench.py",
+)
 
 
 def _work_unit(nodeid: str) -> str:

@@ -87,7 +87,7 @@ def test_two_workers_hold_identical_weights_after_every_epoch(two_worker_run):
     assert len({row["worker_weight_digests"][0] for row in metrics["history"]}) == 8
 
 
-def test_run_dir_holds_model_card_metrics_curves_and_config(two_worker_run, tree_with_bad_files):
+def test_run_dir_holds_model_card_metrics_curves_and_config(two_worker_run):
     out, metrics = two_worker_run
     model, card = load_model(str(out))
     assert isinstance(card, ModelCard)
