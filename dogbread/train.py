@@ -169,6 +169,7 @@ def _fit(config: TrainConfig, manifest: data.Manifest, decoded: dict, train_imag
             "batch_size": config.batch_size,
             "patience": config.patience,
             "seed": config.seed,
+            "train_images": train_images,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
         run_config=ray.train.RunConfig(
@@ -195,6 +196,7 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
     import ray
     import ray.train
     import tensorflow as tf
+    import tf_keras
 
     from dogbread.model import ModelConfig, build_model
 
@@ -236,31 +238,66 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
     # Validation's model call, traced (per input shape: the last batch may be smaller) rather
     # than eager: 0.8 s instead of 1.25 s per epoch for the real photos' 333 val images.
     forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
-    per_worker_batch = max(1, loop_config["batch_size"] // context.get_world_size())
+    workers = context.get_world_size()
+    per_worker_batch = max(1, loop_config["batch_size"] // workers)
+    # Several workers drop their last, partial batch: tf-keras under the strategy crashed on a
+    # one-image batch ("input depth must be evenly divisible by filter depth": 769 photos per
+    # worker, 16 per batch). Ray Train splits the rows equally (n // workers each).
+    drop_last = workers > 1
+    rows = loop_config["train_images"] // workers
+    steps = rows // per_worker_batch if drop_last else math.ceil(rows / per_worker_batch)
+    if steps < 1:
+        raise DataError(f"{rows} training images per worker: not one batch of {per_worker_batch}")
+    first = state["epoch"] + 1
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     writer = tf.summary.create_file_writer(tensorboard) if rank == 0 else None
-    for epoch in range(state["epoch"] + 1, loop_config["epochs"] + 1):
-        start = time.perf_counter()
-        train_tf = train_shard.to_tf(
-            "image",
-            "label",
-            batch_size=per_worker_batch,
-            local_shuffle_buffer_size=4 * per_worker_batch,
-            local_shuffle_seed=loop_config["seed"] + epoch,
-            # Several workers drop their last, partial batch: tf-keras under the strategy
-            # crashed on a one-image batch ("input depth must be evenly divisible by filter
-            # depth": 769 photos per worker, 16 per batch). The shuffle drops others each epoch.
-            drop_last=context.get_world_size() > 1,
-        )
-        history = model.fit(train_tf, epochs=1, verbose=0)
+
+    def batches() -> Any:
+        """Every remaining epoch's batches, one epoch after the other, `steps` per epoch."""
+        for epoch in range(first, loop_config["epochs"] + 1):
+            epoch_batches = train_shard.iter_batches(
+                batch_size=per_worker_batch,
+                batch_format="numpy",
+                local_shuffle_buffer_size=4 * per_worker_batch,
+                local_shuffle_seed=loop_config["seed"] + epoch,
+                drop_last=drop_last,
+            )
+            count = 0
+            for batch in epoch_batches:
+                if count < steps:  # beyond: cannot happen with an equal split; never mixed in
+                    yield batch["image"], batch["label"]
+                count += 1
+            if count < steps:
+                raise DataError(f"epoch {epoch}: {count} batches in this shard, {steps} expected")
+
+    # One input pipeline and one fit() for the whole run, epochs ended by the callback below.
+    # A fit() per epoch made a tf.data iterator per epoch, and tearing one down often waited
+    # for its autotuning thread to wake up by itself: 10.24 s, sometimes 41 s, of an idle CPU
+    # in a 10 s epoch (the doubling autotuning periods, 10 ms * 2**k; bench/README.md).
+    image_size = loop_config["model"]["image_size"]
+    dataset = tf.data.Dataset.from_generator(
+        batches,
+        output_signature=(
+            tf.TensorSpec((None, image_size, image_size, 3), tf.uint8),
+            tf.TensorSpec((None,), tf.int64),
+        ),
+    )
+    options = tf.data.Options()
+    # Each worker already reads only its own shard: the strategy must not shard it again.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    dataset = dataset.with_options(options)
+    started: dict[str, float] = {}
+
+    def end_epoch(index: int, logs: dict[str, float]) -> None:
+        epoch = index + 1  # Keras counts epochs from 0
         _maybe_inject_fault(epoch, rank)
         # Both the training metrics (reduced by the strategy) and the validation metrics (summed
         # by _validate) are the same on every worker, so all take the same early-stopping
         # decision and none is left waiting alone in a collective.
-        metrics = {k: float(v[-1]) for k, v in history.history.items()}
+        metrics = {k: float(v) for k, v in logs.items()}
         metrics.update(_validate(strategy, context, model, forward, val_shard, per_worker_batch))
-        metrics.update(epoch=epoch, seconds=round(time.perf_counter() - start, 3))
+        metrics.update(epoch=epoch, seconds=round(time.perf_counter() - started["epoch"], 3))
         # Evidence that data parallelism really synchronizes: every worker's weight digest,
         # gathered through the same collective that all-reduces the gradients.
         metrics["worker_weight_digests"] = _weight_digests(strategy, context, model)
@@ -294,7 +331,22 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
                 f"[rank {rank}] early stop: no better val_loss since epoch {state['best_epoch']}",
                 flush=True,
             )
-            break
+            model.stop_training = True
+
+    if first <= loop_config["epochs"]:
+        model.fit(
+            dataset,
+            epochs=loop_config["epochs"],
+            initial_epoch=first - 1,
+            steps_per_epoch=steps,
+            verbose=0,
+            callbacks=[
+                tf_keras.callbacks.LambdaCallback(
+                    on_epoch_begin=lambda index, logs: started.update(epoch=time.perf_counter()),
+                    on_epoch_end=end_epoch,
+                )
+            ],
+        )
 
 
 def _gather(strategy: Any, context: Any, values: list[float]) -> list[list[float]]:

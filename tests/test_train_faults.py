@@ -72,7 +72,7 @@ def test_resume_continues_a_killed_run_from_its_last_checkpoint(synthetic_tree, 
         "--workers",
         "1",
         "--epochs",
-        "4",
+        "6",
         "--image-size",
         "32",
         "--batch-size",
@@ -107,7 +107,9 @@ def test_resume_continues_a_killed_run_from_its_last_checkpoint(synthetic_tree, 
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    # The checkpoint folder of epoch 2 appears before Ray Train has registered it, so the run
-    # resumes after epoch 1 or 2: from a checkpoint either way, not from scratch.
-    assert metrics["resumed_after_epochs"] and metrics["resumed_after_epochs"][0] >= 1
-    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3, 4]
+    # The checkpoint folder of epoch 2 appears before Ray Train has registered it, and an epoch
+    # may end while the kill lands, so the run resumes after epoch 1, 2 or 3: from a checkpoint
+    # either way, not from scratch. Six epochs leave some to resume even then.
+    resumed_after = metrics["resumed_after_epochs"]
+    assert resumed_after and resumed_after[0] >= 1, resumed_after
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3, 4, 5, 6]
