@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from dogbread import train
+from dogbread import train, train_worker
 from dogbread.runtime import WORKER_ENV
 
 from .test_train import small_config
@@ -33,7 +33,7 @@ def test_gpu_workers_one_per_node_survive_a_worker_death(synthetic_tree, tmp_pat
     marker = tmp_path / "fault-happened"
     # Epoch 3 of 4: Ray Train registers a checkpoint only once every worker's report of that
     # epoch has been collected, so an earlier death may leave nothing to resume from yet.
-    fault = {train.FAULT_EPOCH_ENV: "3", train.FAULT_MARKER_ENV: str(marker)}
+    fault = {train_worker.FAULT_EPOCH_ENV: "3", train_worker.FAULT_MARKER_ENV: str(marker)}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     for _ in range(2):
         cluster.add_node(num_cpus=1, num_gpus=1)
