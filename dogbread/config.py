@@ -55,6 +55,8 @@ class TrainConfig:
     test_fraction: float = 0.1
     seed: int = 0
     max_failures: int = 2  # worker failures Ray Train retries from the last checkpoint
+    # A worker keeps its decoded shards in memory after epoch 1 when they fit in this (0: never)
+    worker_cache_mib: int = 2048
     s3_endpoint: str | None = None
 
     def __post_init__(self) -> None:
@@ -72,6 +74,7 @@ class TrainConfig:
             self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be {' or '.join(LR_SCHEDULES)}"
         )
         _require(self.max_failures >= 0, "max_failures must not be negative")
+        _require(self.worker_cache_mib >= 0, "worker_cache_mib must not be negative")
         fractions = (self.val_fraction, self.test_fraction)
         _require(
             all(0 < f < 1 for f in fractions) and sum(fractions) < 1,

@@ -166,6 +166,8 @@ def _fit(config: TrainConfig, manifest: data.Manifest, decoded: dict, train_imag
             "patience": config.patience,
             "seed": config.seed,
             "train_images": train_images,
+            "val_images": decoded["val"].count(),
+            "worker_cache_mib": config.worker_cache_mib,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
         run_config=ray.train.RunConfig(
