@@ -87,8 +87,7 @@ def resume(run_dir: str, s3_endpoint: str | None = None) -> dict[str, Any]:
 def _train_and_evaluate(config: TrainConfig, manifest: data.Manifest) -> dict[str, Any]:
     from dogbread.model import build_model
 
-    decoded = {}
-    skipped = {}
+    decoded, readable, skipped = {}, {}, {}
     for split in data.SPLITS:
         table = manifest.split(split)
         if split == "train":
@@ -101,13 +100,13 @@ def _train_and_evaluate(config: TrainConfig, manifest: data.Manifest) -> dict[st
         ).materialize()
         # A new block order every epoch (the blocks stay in the object store; only order changes).
         decoded[split] = dataset.randomize_block_order() if split == "train" else dataset
-        skipped[split] = table.num_rows - dataset.count()
+        readable[split] = dataset.count()
+        skipped[split] = table.num_rows - readable[split]
     if sum(skipped.values()):
         log.warning("skipped %s unreadable images (train/val/test)", skipped)
-    readable = manifest.split("train").num_rows - skipped["train"]
     needed = config.batch_size if config.workers > 1 else 1  # a full batch: see drop_last
-    if readable < needed:
-        raise DataError(f"only {readable} readable training images, {needed} needed")
+    if readable["train"] < needed:
+        raise DataError(f"only {readable['train']} readable training images, {needed} needed")
 
     checkpoint = _fit(config, manifest, decoded, readable)
     model = build_model(_model_config(config, manifest))
@@ -147,8 +146,9 @@ def _model_config(config: TrainConfig, manifest: data.Manifest, train_images: in
     )
 
 
-def _fit(config: TrainConfig, manifest: data.Manifest, decoded: dict, train_images: int) -> Any:
-    """Run the TensorflowTrainer; returns the last checkpoint (state, current and best weights)."""
+def _fit(config: TrainConfig, manifest: data.Manifest, decoded: dict, readable: dict) -> Any:
+    """Run the TensorflowTrainer on the decoded splits (`readable`: their image counts);
+    returns the last checkpoint (state, current and best weights)."""
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
@@ -160,13 +160,13 @@ def _fit(config: TrainConfig, manifest: data.Manifest, decoded: dict, train_imag
     trainer = TensorflowTrainer(
         train_loop,
         train_loop_config={
-            "model": dataclasses.asdict(_model_config(config, manifest, train_images)),
+            "model": dataclasses.asdict(_model_config(config, manifest, readable["train"])),
             "epochs": config.epochs,
             "batch_size": config.batch_size,
             "patience": config.patience,
             "seed": config.seed,
-            "train_images": train_images,
-            "val_images": decoded["val"].count(),
+            "train_images": readable["train"],
+            "val_images": readable["val"],
             "worker_cache_mib": config.worker_cache_mib,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
