@@ -149,17 +149,21 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
 
     # One pipeline for the run, not one per epoch: see the module docstring.
     image_size = loop_config["model"]["image_size"]
-    dataset = tf.data.Dataset.from_generator(
-        batches,
-        output_signature=(
-            tf.TensorSpec((None, image_size, image_size, 3), tf.uint8),
-            tf.TensorSpec((None,), tf.int64),
-        ),
-    )
-    options = tf.data.Options()
-    # Each worker already reads only its own shard: the strategy must not shard it again.
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    dataset = dataset.with_options(options)
+
+    def worker_dataset(input_context: Any) -> Any:
+        return tf.data.Dataset.from_generator(
+            batches,
+            output_signature=(
+                tf.TensorSpec((None, image_size, image_size, 3), tf.uint8),
+                tf.TensorSpec((None,), tf.int64),
+            ),
+        )
+
+    # Each worker's batches are its replica's batches. A plain tf.data.Dataset passed to fit()
+    # would be taken for global batches: the strategy splits every batch into one piece per
+    # worker and, with the worker already holding its own shard, trains on all the pieces, so
+    # each step saw per_worker_batch / workers images and an epoch half the shard (2 workers).
+    dataset = strategy.distribute_datasets_from_function(worker_dataset)
     started: dict[str, float] = {}
 
     def end_epoch(index: int, logs: dict[str, float]) -> None:
@@ -169,6 +173,7 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
         # by _validate) are the same on every worker, so all take the same early-stopping
         # decision and none is left waiting alone in a collective.
         metrics = {k: float(v) for k, v in logs.items()}
+        metrics["train_images"] = _trained_images(model)
         metrics.update(_validate(strategy, context, model, forward, val_batches()))
         metrics.update(epoch=epoch, seconds=round(time.perf_counter() - started["epoch"], 3))
         # Evidence that data parallelism really synchronizes: every worker's weight digest,
@@ -269,6 +274,13 @@ def _validate(strategy: Any, context: Any, model: Any, forward: Any, batches: An
         "val_loss": float(totals[0] / max(totals[2], 1) + regularization),
         "val_accuracy": float(totals[1] / max(totals[2], 1)),
     }
+
+
+def _trained_images(model: Any) -> int:
+    """Images trained on in this epoch by all workers: the count behind the accuracy metric,
+    which Keras resets as each epoch begins and which the strategy sums over workers on read."""
+    accuracy = next(metric for metric in model.metrics if metric.name == "accuracy")
+    return int(accuracy.count.numpy())
 
 
 def _weight_digests(strategy: Any, context: Any, model: Any) -> list[str]:

@@ -88,6 +88,20 @@ def test_two_workers_hold_identical_weights_after_every_epoch(two_worker_run):
     assert len({row["worker_weight_digests"][0] for row in metrics["history"]}) == 8
 
 
+def _readable_training_images(manifest: str) -> int:
+    rows = pq.read_table(manifest).to_pylist()
+    return sum(r["split"] == "train" and not _broken(r) for r in rows)
+
+
+def test_every_epoch_trains_on_each_workers_whole_shard(two_worker_run, training_manifest):
+    _, metrics = two_worker_run
+    # 16k + 2 readable images: each worker trains on k batches of 8 of its 8k + 1 and leaves out
+    # its last, single image. (A tf.data.Dataset handed to fit() as it is would be split again by
+    # the strategy: batches of 4, half of each shard per epoch.)
+    expected = _readable_training_images(training_manifest) - 2
+    assert [row["train_images"] for row in metrics["history"]] == [expected] * 8
+
+
 def test_run_dir_holds_model_card_metrics_curves_and_config(two_worker_run):
     out, metrics = two_worker_run
     model, card = load_model(str(out))
@@ -139,6 +153,8 @@ def test_two_workers_learn_as_well_as_one(ray_local, two_worker_run, training_ma
     # reads its shard from Ray Data every epoch, so both input paths are held to learning.
     config = small_config(training_manifest, tmp_path / "one", workers=1, epochs=8)
     one = train.run(dataclasses.replace(config, worker_cache_mib=0))
+    every_image = _readable_training_images(training_manifest)
+    assert [row["train_images"] for row in one["history"]] == [every_image] * 8
     # The same global batch and learning rate: the two runs should end up alike.
     assert one["accuracy"] >= 0.8 and two["accuracy"] >= 0.8, (one["accuracy"], two["accuracy"])
     assert abs(one["accuracy"] - two["accuracy"]) <= 0.12
