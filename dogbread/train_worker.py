@@ -1,12 +1,12 @@
 """The training loop that runs on every Ray Train worker (dogbread.train starts them).
 
-One fit() and one input pipeline for the whole run: a generator reads the worker's Ray Data shard
-epoch after epoch, and a Keras callback ends each epoch (validation over all workers, the weight
-digests, the best weights, a checkpoint reported to Ray Train, early stopping). A fit() per epoch
-made a tf.data iterator per epoch, and tearing one down often waited for its autotuning thread
-to wake up on its own: 10.24 s, sometimes 40.96 s (autotuning periods double from 10 ms), of idle
-CPU inside a 10 s epoch (bench/README.md). A worker whose shards fit in `worker_cache_mib`
-reads them from Ray Data once and keeps them in memory; larger ones stream every epoch.
+One fit() and one input pipeline for the whole run, and a Keras callback ends each epoch (validation
+over all workers, the weight digests, the best weights, a checkpoint reported to Ray Train, early
+stopping). A fit() per epoch made a tf.data iterator per epoch, and tearing one down often waited
+for its autotuning thread to wake up on its own: 10.24 s, sometimes 40.96 s (autotuning periods
+double from 10 ms), of idle CPU inside a 10 s epoch (bench/README.md). A worker whose shards fit in
+`worker_cache_mib` reads them from Ray Data once and keeps them in memory; for larger ones a
+generator reads the shard from Ray Data epoch after epoch.
 """
 
 from __future__ import annotations
@@ -96,74 +96,70 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     writer = tf.summary.create_file_writer(tensorboard) if rank == 0 else None
 
-    # A worker whose shards fit in `worker_cache_mib` keeps them in memory after the first
-    # epoch, as tf.data's cache() would: later epochs cost no Ray Data reads, batching or local
-    # shuffling on the CPUs that train (~0.7 s of a 10 s epoch here), and are shuffled whole.
-    image_bytes = 3 * loop_config["model"]["image_size"] ** 2
+    # A worker whose shards fit in `worker_cache_mib` reads them once and keeps them in memory,
+    # as tf.data's cache() would: epochs then cost no Ray Data reads, batching or local
+    # shuffling on the CPUs that train, and are shuffled whole.
+    image_size = loop_config["model"]["image_size"]
     shard_rows = (loop_config["train_images"] + loop_config["val_images"]) // workers
-    in_memory = shard_rows * image_bytes <= loop_config["worker_cache_mib"] << 20
-    val_cache: list[tuple[Any, Any]] = []
+    in_memory = shard_rows * 3 * image_size**2 <= loop_config["worker_cache_mib"] << 20
 
-    def batches() -> Any:
-        """Every remaining epoch's batches, one epoch after the other, `steps` per epoch."""
-        cache: list[tuple[Any, Any]] | None = [] if in_memory else None
-        images = labels = None
+    def read_batches(shard: Any, **options: Any) -> Any:
+        read = shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy", **options)
+        return ((batch["image"], batch["label"]) for batch in read)
+
+    def streamed_batches() -> Any:
+        """Every remaining epoch's batches from Ray Data, `steps` per epoch."""
         for epoch in range(first, loop_config["epochs"] + 1):
-            if images is not None:
-                n = len(labels)
-                order = np.random.default_rng(loop_config["seed"] + epoch).permutation(n)
-                picks = (order[i : i + per_worker_batch] for i in range(0, n, per_worker_batch))
-                epoch_batches = ((images[pick], labels[pick]) for pick in picks)
-            else:
-                read = train_shard.iter_batches(
-                    batch_size=per_worker_batch,
-                    batch_format="numpy",
-                    local_shuffle_buffer_size=4 * per_worker_batch,
-                    local_shuffle_seed=loop_config["seed"] + epoch,
-                )
-                epoch_batches = ((batch["image"], batch["label"]) for batch in read)
             count = 0
-            for image_batch, label_batch in epoch_batches:
-                if cache is not None:
-                    cache.append((image_batch, label_batch))
-                full = len(label_batch) == per_worker_batch
+            shuffled = read_batches(
+                train_shard,
+                local_shuffle_buffer_size=4 * per_worker_batch,
+                local_shuffle_seed=loop_config["seed"] + epoch,
+            )
+            for images, labels in shuffled:
+                full = len(labels) == per_worker_batch
                 if count < steps and (full or not drop_last):  # beyond: not in an equal split
-                    yield image_batch, label_batch
+                    yield images, labels
                     count += 1
             if count < steps:
                 raise DataError(f"epoch {epoch}: {count} batches in this shard, {steps} expected")
-            if cache:
-                images = np.concatenate([c[0] for c in cache])
-                labels = np.concatenate([c[1] for c in cache])
-                cache = None
-
-    def val_batches() -> Any:
-        if val_cache:
-            return val_cache
-        read = val_shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy")
-        stream = ((batch["image"], batch["label"]) for batch in read)
-        if not in_memory:
-            return stream
-        val_cache.extend(stream)
-        return val_cache
-
-    # One pipeline for the run, not one per epoch: see the module docstring.
-    image_size = loop_config["model"]["image_size"]
 
     def worker_dataset(input_context: Any) -> Any:
-        return tf.data.Dataset.from_generator(
-            batches,
-            output_signature=(
-                tf.TensorSpec((None, image_size, image_size, 3), tf.uint8),
-                tf.TensorSpec((None,), tf.int64),
-            ),
+        if not in_memory:
+            return tf.data.Dataset.from_generator(
+                streamed_batches,
+                output_signature=(
+                    tf.TensorSpec((None, image_size, image_size, 3), tf.uint8),
+                    tf.TensorSpec((None,), tf.int64),
+                ),
+            )
+        # As tf-keras feeds numpy arrays: shuffled indices, batched, gathered from the arrays.
+        batches = list(read_batches(train_shard))
+        images = tf.constant(np.concatenate([images for images, _ in batches]))
+        labels = tf.constant(np.concatenate([labels for _, labels in batches]))
+        del batches
+        indices = tf.data.Dataset.range(len(labels))
+        indices = indices.shuffle(len(labels), seed=loop_config["seed"] + first)
+        indices = indices.batch(per_worker_batch, drop_remainder=drop_last).repeat()
+        whole = tf.data.Dataset.from_tensors((images, labels)).repeat()
+        pairs = tf.data.Dataset.zip(indices, whole)
+        gathered = pairs.map(
+            lambda picks, both: (tf.gather(both[0], picks), tf.gather(both[1], picks)),
+            num_parallel_calls=tf.data.AUTOTUNE,
         )
+        return gathered.prefetch(tf.data.AUTOTUNE)
 
-    # Each worker's batches are its replica's batches. A plain tf.data.Dataset passed to fit()
-    # would be taken for global batches: the strategy splits every batch into one piece per
-    # worker and, with the worker already holding its own shard, trains on all the pieces, so
-    # each step saw per_worker_batch / workers images and an epoch half the shard (2 workers).
+    # One pipeline for the run, not one per epoch: see the module docstring. Each worker's
+    # batches are its replica's batches. A plain tf.data.Dataset passed to fit() would be taken
+    # for global batches: the strategy splits every batch into one piece per worker and, with
+    # the worker already holding its own shard, trains on all the pieces, so each step saw
+    # per_worker_batch / workers images and an epoch half the shard (2 workers).
     dataset = strategy.distribute_datasets_from_function(worker_dataset)
+    val_cache = list(read_batches(val_shard)) if in_memory else None
+
+    def val_batches() -> Any:
+        return val_cache if val_cache is not None else read_batches(val_shard)
+
     started: dict[str, float] = {}
 
     def end_epoch(index: int, logs: dict[str, float]) -> None:
