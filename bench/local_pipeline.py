@@ -22,8 +22,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from dogbread.images import ImageDecodeError, decode_image
+from dogbread.litert import inference_model
 from dogbread.model import (
-    inference_model,
     label_predictions,
     load_litert,
     load_model,

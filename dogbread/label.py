@@ -311,7 +311,7 @@ def _inference_model(model: Any, use_gpu: bool) -> Any:
     """The LiteRTModel for the actors (as saved, or converted once here), or None: then each
     actor loads the Keras model itself (on GPUs, where TensorFlow beats LiteRT on the CPU, or
     when LiteRT does not reproduce Keras)."""
-    from dogbread.model import LiteRTModel, inference_model
+    from dogbread.litert import LiteRTModel, inference_model
 
     if use_gpu:
         return None

@@ -103,7 +103,8 @@ def photos(tmp_path_factory) -> np.ndarray:
 
 
 def test_litert_reproduces_keras_on_a_batch(seed_cnn, photos):
-    from dogbread.model import LiteRTModel, inference_model, predict_probabilities
+    from dogbread.litert import LiteRTModel, inference_model
+    from dogbread.model import predict_probabilities
 
     assert isinstance(inference_model(seed_cnn), LiteRTModel)  # the fast path is the one taken
     keras_outputs = seed_cnn(photos, training=False).numpy()
@@ -115,7 +116,8 @@ def test_litert_reproduces_keras_on_a_batch(seed_cnn, photos):
 
 
 def test_a_litert_model_runs_without_tensorflow(seed_cnn, photos, tmp_path):
-    from dogbread.model import inference_model, predict_probabilities
+    from dogbread.litert import inference_model
+    from dogbread.model import predict_probabilities
 
     (tmp_path / "model.pickle").write_bytes(pickle.dumps(inference_model(seed_cnn)))
     np.save(tmp_path / "photos.npy", photos[:3])
@@ -136,8 +138,9 @@ def test_a_litert_model_runs_without_tensorflow(seed_cnn, photos, tmp_path):
 def test_keras_runs_when_conversion_fails_or_differs(monkeypatch, caplog):
     import tensorflow as tf
 
-    from dogbread import model as model_module
-    from dogbread.model import ModelConfig, build_model, inference_model, predict_probabilities
+    from dogbread import litert
+    from dogbread.litert import inference_model
+    from dogbread.model import ModelConfig, build_model, predict_probabilities
 
     pixels = np.random.default_rng(5).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     broken = build_model(ModelConfig(image_size=64))
@@ -153,13 +156,14 @@ def test_keras_runs_when_conversion_fails_or_differs(monkeypatch, caplog):
     np.testing.assert_allclose(predict_probabilities(broken, pixels)[:, 1], expected, atol=1e-6)
 
     strict = build_model(ModelConfig(image_size=64))
-    monkeypatch.setattr(model_module, "LITERT_TOLERANCE", -1.0)  # no difference passes
+    monkeypatch.setattr(litert, "LITERT_TOLERANCE", -1.0)  # no difference passes
     assert inference_model(strict) is strict
     assert "LiteRT differs from it by" in caplog.text
 
 
 def test_a_model_trained_further_is_converted_again(photos):
-    from dogbread.model import ModelConfig, build_model, inference_model, predict_probabilities
+    from dogbread.litert import inference_model
+    from dogbread.model import ModelConfig, build_model, predict_probabilities
 
     model = build_model(ModelConfig(image_size=64))
     pixels = photos[:4, ::4, ::4]  # 64x64

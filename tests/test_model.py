@@ -14,11 +14,11 @@ import pytest
 import tf_keras as keras
 
 from dogbread.errors import ModelError
+from dogbread.litert import LiteRTModel
 from dogbread.model import (
     CARD_FILENAME,
     LITERT_FILENAME,
     MODEL_FILENAME,
-    LiteRTModel,
     ModelCard,
     ModelConfig,
     build_model,
