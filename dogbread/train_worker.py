@@ -92,6 +92,9 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
     # At least 1: dogbread.train refuses fewer readable images than one global batch.
     steps = rows // per_worker_batch if drop_last else math.ceil(rows / per_worker_batch)
     first = state["epoch"] + 1
+    # A resumed run goes on with the learning-rate schedule where its checkpoint left off, not
+    # from the start (Adam's moment estimates are not in the checkpoint: they start over).
+    model.optimizer.iterations.assign(state["epoch"] * steps)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     writer = tf.summary.create_file_writer(tensorboard) if rank == 0 else None
@@ -170,6 +173,7 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
         # decision and none is left waiting alone in a collective.
         metrics = {k: float(v) for k, v in logs.items()}
         metrics["train_images"] = _trained_images(model)
+        metrics["learning_rate"] = float(model.optimizer.learning_rate.numpy())  # at its last step
         metrics.update(_validate(strategy, context, model, forward, val_batches()))
         metrics.update(epoch=epoch, seconds=round(time.perf_counter() - started["epoch"], 3))
         # Evidence that data parallelism really synchronizes: every worker's weight digest,

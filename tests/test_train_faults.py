@@ -79,6 +79,8 @@ def test_resume_continues_a_killed_run_from_its_last_checkpoint(synthetic_tree, 
         "16",
         "--patience",
         "30",
+        "--lr-schedule",
+        "cosine",
     ]
     env = {**os.environ, "RAY_ADDRESS": ""}
     first = subprocess.Popen(
@@ -114,3 +116,6 @@ def test_resume_continues_a_killed_run_from_its_last_checkpoint(synthetic_tree, 
     resumed_after = metrics["resumed_after_epochs"]
     assert resumed_after and resumed_after[0] >= 1, resumed_after
     assert [row["epoch"] for row in metrics["history"]] == list(range(1, 31))
+    # The cosine schedule goes on from the checkpoint: the rate keeps falling, no restart.
+    rates = [row["learning_rate"] for row in metrics["history"]]
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False)), rates
