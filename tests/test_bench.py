@@ -30,8 +30,7 @@ def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
     cache = tempfile.mkdtemp(prefix="db-bench-", dir="/tmp")
     env = {**os.environ, "DOGBREAD_BENCH_CACHE": cache}
     command = [sys.executable, "bench/run_all.py", "--smoke", "--results", str(results)]
-    # Not --accuracy: its training would add ~38 s to a suite that must stay under 10 minutes.
-    # What accuracy.py adds to `train.run`, real_photo_manifest(), runs in train_overhead's smoke.
+    # Not --accuracy: accuracy.py has a test of its own below, which xdist can run beside this.
     command += ["--readme", str(readme)]
     try:
         subprocess.run(command, cwd=PROJECT, env=env, check=True, timeout=600)
@@ -76,6 +75,31 @@ def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
         and "--workers 1" in text
         and combined["generated"] in text
     )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_PHOTOS.exists(), reason="accuracy.py measures the real photos only")
+def test_accuracy_smoke_trains_on_the_real_photos_and_reports_beside_the_notebook(tmp_path):
+    readme = tmp_path / "README.md"
+    shutil.copy(PROJECT / "bench" / "README.md", readme)
+    results = tmp_path / "results.json"
+    command = [sys.executable, "bench/run_all.py", "--smoke", "--only", "accuracy_residual"]
+    command += ["--results", str(results), "--readme", str(readme)]
+    # As above, Ray's folder short and its own; the run dir (a mkdtemp) lands in tmp_path.
+    cache = tempfile.mkdtemp(prefix="db-acc-", dir="/tmp")
+    env = {**os.environ, "DOGBREAD_BENCH_CACHE": cache, "TMPDIR": str(tmp_path)}
+    try:
+        subprocess.run(command, cwd=PROJECT, env=env, check=True, timeout=600)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+    result = json.loads(results.read_text())["results"]["accuracy_residual"]
+    assert result["config"]["architecture"] == "residual" and result["config"]["image_size"] == 64
+    assert result["epochs_run"] == 1 and result["best_epoch"] == 1
+    assert result["val_images"] == 16  # --limit 16: 16 val photos, the classes in turn
+    assert all(0 <= result[k] <= 1 for k in ("accuracy", "precision", "recall"))
+    assert result["seed_notebook"] == {"accuracy": 0.967, "precision": 0.984, "recall": 0.936}
+    assert "architecture residual" in readme.read_text()
 
 
 # --- the LiteRT runtime that labeling and predict run on (the benchmarks' fast path) ------------
