@@ -137,10 +137,11 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
                 ),
             )
         # As tf-keras feeds numpy arrays: shuffled indices, batched, gathered from the arrays.
+        # Each copy is let go before the next is made: at most twice the shard at a time.
         batches = list(read_batches(train_shard))
-        images = tf.constant(np.concatenate([images for images, _ in batches]))
-        labels = tf.constant(np.concatenate([labels for _, labels in batches]))
+        columns = [np.concatenate(column) for column in zip(*batches, strict=True)]
         del batches
+        images, labels = tf.constant(columns.pop(0)), tf.constant(columns.pop(0))
         indices = tf.data.Dataset.range(len(labels))
         indices = indices.shuffle(len(labels), seed=loop_config["seed"] + first)
         indices = indices.batch(per_worker_batch, drop_remainder=drop_last).repeat()
