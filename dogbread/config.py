@@ -55,7 +55,7 @@ class TrainConfig:
     test_fraction: float = 0.1
     seed: int = 0
     max_failures: int = 2  # worker failures Ray Train retries from the last checkpoint
-    # A worker keeps its decoded shards in memory after epoch 1 when they fit in this (0: never)
+    # A worker reads its decoded shards once and keeps them in memory when they fit (0: never)
     worker_cache_mib: int = 2048
     s3_endpoint: str | None = None
 

@@ -149,7 +149,7 @@ def test_best_epoch_weights_are_the_saved_ones(two_worker_run):
 
 def test_two_workers_learn_as_well_as_one(ray_local, two_worker_run, training_manifest, tmp_path):
     _, two = two_worker_run
-    # The two-worker run keeps its shards in memory after epoch 1 (they are small); this one
+    # The two-worker run keeps its shards in memory (they are small); this one
     # reads its shard from Ray Data every epoch, so both input paths are held to learning.
     config = small_config(training_manifest, tmp_path / "one", workers=1, epochs=8)
     one = train.run(dataclasses.replace(config, worker_cache_mib=0))
