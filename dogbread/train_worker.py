@@ -92,6 +92,8 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
     # At least 1: dogbread.train refuses fewer readable images than one global batch.
     steps = rows // per_worker_batch if drop_last else math.ceil(rows / per_worker_batch)
     first = state["epoch"] + 1
+    if first > loop_config["epochs"]:  # resumed from the last epoch: nothing to read or train
+        return
     # A resumed run goes on with the learning-rate schedule where its checkpoint left off, not
     # from the start (Adam's moment estimates are not in the checkpoint: they start over).
     model.optimizer.iterations.assign(state["epoch"] * steps)
@@ -212,20 +214,19 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
             )
             model.stop_training = True
 
-    if first <= loop_config["epochs"]:
-        model.fit(
-            dataset,
-            epochs=loop_config["epochs"],
-            initial_epoch=first - 1,
-            steps_per_epoch=steps,
-            verbose=0,
-            callbacks=[
-                tf_keras.callbacks.LambdaCallback(
-                    on_epoch_begin=lambda index, logs: started.update(epoch=time.perf_counter()),
-                    on_epoch_end=end_epoch,
-                )
-            ],
-        )
+    model.fit(
+        dataset,
+        epochs=loop_config["epochs"],
+        initial_epoch=first - 1,
+        steps_per_epoch=steps,
+        verbose=0,
+        callbacks=[
+            tf_keras.callbacks.LambdaCallback(
+                on_epoch_begin=lambda index, logs: started.update(epoch=time.perf_counter()),
+                on_epoch_end=end_epoch,
+            )
+        ],
+    )
 
 
 def _gather(strategy: Any, context: Any, values: list[float]) -> list[list[float]]:
