@@ -20,24 +20,34 @@ PROJECT = Path(__file__).resolve().parents[1]
 REAL_PHOTOS = PROJECT.parent / "shared" / "data" / "dogbread-real" / "manifest.csv"
 
 
-@pytest.mark.slow
-def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
+def run_all_smoke(tmp_path: Path, *args: str, **env: str) -> tuple[dict, str]:
+    """`bench/run_all.py --smoke *args` into tmp_path: (its results.json, the refreshed table's
+    README). Extra `env` goes to the benchmarks."""
     readme = tmp_path / "README.md"
     shutil.copy(PROJECT / "bench" / "README.md", readme)
     results = tmp_path / "results.json"
+    command = [sys.executable, "bench/run_all.py", "--smoke", *args]
+    command += ["--results", str(results), "--readme", str(readme)]
     # A cache of its own: the images are drawn for this test, not taken from an earlier run.
     # Short and outside pytest's tmp dirs: Ray's socket paths under it must fit in 107 bytes.
     cache = tempfile.mkdtemp(prefix="db-bench-", dir="/tmp")
-    env = {**os.environ, "DOGBREAD_BENCH_CACHE": cache}
-    command = [sys.executable, "bench/run_all.py", "--smoke", "--results", str(results)]
-    # Not --accuracy: accuracy.py has a test of its own below, which xdist can run beside this.
-    command += ["--readme", str(readme)]
     try:
-        subprocess.run(command, cwd=PROJECT, env=env, check=True, timeout=600)
+        subprocess.run(
+            command,
+            cwd=PROJECT,
+            env={**os.environ, "DOGBREAD_BENCH_CACHE": cache, **env},
+            check=True,
+            timeout=600,
+        )
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+    return json.loads(results.read_text()), readme.read_text()
 
-    combined = json.loads(results.read_text())
+
+@pytest.mark.slow
+def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
+    # Not --accuracy: accuracy.py has a test of its own below, which xdist can run beside this.
+    combined, text = run_all_smoke(tmp_path)
     assert combined["smoke"] is True
     found = combined["results"]
     throughput = found["label_throughput"]
@@ -68,7 +78,6 @@ def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
     assert train["overhead"]["1"] > 0 and len(train["overhead_by_round"]["1"]) == 1
     if REAL_PHOTOS.exists():
         assert train["data"].startswith("real photos")
-    text = readme.read_text()
     assert (
         "c/a" in text
         and "growth" in text
@@ -80,26 +89,15 @@ def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not REAL_PHOTOS.exists(), reason="accuracy.py measures the real photos only")
 def test_accuracy_smoke_trains_on_the_real_photos_and_reports_beside_the_notebook(tmp_path):
-    readme = tmp_path / "README.md"
-    shutil.copy(PROJECT / "bench" / "README.md", readme)
-    results = tmp_path / "results.json"
-    command = [sys.executable, "bench/run_all.py", "--smoke", "--only", "accuracy_residual"]
-    command += ["--results", str(results), "--readme", str(readme)]
-    # As above, Ray's folder short and its own; the run dir (a mkdtemp) lands in tmp_path.
-    cache = tempfile.mkdtemp(prefix="db-acc-", dir="/tmp")
-    env = {**os.environ, "DOGBREAD_BENCH_CACHE": cache, "TMPDIR": str(tmp_path)}
-    try:
-        subprocess.run(command, cwd=PROJECT, env=env, check=True, timeout=600)
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
-
-    result = json.loads(results.read_text())["results"]["accuracy_residual"]
+    # The run dir (a mkdtemp) lands in tmp_path, not in /tmp.
+    combined, text = run_all_smoke(tmp_path, "--only", "accuracy_residual", TMPDIR=str(tmp_path))
+    result = combined["results"]["accuracy_residual"]
     assert result["config"]["architecture"] == "residual" and result["config"]["image_size"] == 64
     assert result["epochs_run"] == 1 and result["best_epoch"] == 1
     assert result["val_images"] == 16  # --limit 16: 16 val photos, the classes in turn
     assert all(0 <= result[k] <= 1 for k in ("accuracy", "precision", "recall"))
     assert result["seed_notebook"] == {"accuracy": 0.967, "precision": 0.984, "recall": 0.936}
-    assert "architecture residual" in readme.read_text()
+    assert "architecture residual" in text
 
 
 # --- the LiteRT runtime that labeling and predict run on (the benchmarks' fast path) ------------
