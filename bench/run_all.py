@@ -6,7 +6,7 @@ The table goes between the RESULTS markers of the README; the rest of the README
     python bench/run_all.py [--smoke] [--accuracy] [--only NAME...] [--results FILE] [--readme FILE]
 
 --smoke runs each benchmark at a tiny size (what tests/test_bench.py does); --accuracy adds the
-accuracy runs (bench/accuracy.py: the seed CNN, and the residual recipe; ~20 minutes of training
+accuracy runs (bench/accuracy.py: the seed CNN, and the residual recipe; ~27 minutes of training
 on the real photos); --only reruns the named ones and keeps the other results of --results.
 """
 
