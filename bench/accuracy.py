@@ -6,7 +6,6 @@ The photos are read where they are; nothing is copied. Prints one JSON object.
 
     python bench/accuracy.py [--data ../shared/data/dogbread-real] [--epochs 20] [--augment]
         [--architecture seed|residual] [--lr-schedule constant|cosine] [--image-size 256]
-        [--weight-decay 0]
 """
 
 from __future__ import annotations
@@ -25,15 +24,7 @@ import pyarrow.csv as pacsv
 from dogbread import data, train
 from dogbread.config import TrainConfig
 
-CONFIG_KEYS = (
-    "workers",
-    "epochs",
-    "image_size",
-    "augment",
-    "architecture",
-    "lr_schedule",
-    "weight_decay",
-)
+CONFIG_KEYS = ("workers", "epochs", "image_size", "augment", "architecture", "lr_schedule")
 SEED_NOTEBOOK = {"accuracy": 0.967, "precision": 0.984, "recall": 0.936}
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dogbread-real"
 
@@ -75,7 +66,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--augment", action="store_true")
     parser.add_argument("--architecture", default="seed", choices=("seed", "residual"))
     parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"))
-    parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--limit", type=int, help="at most this many photos per split (smoke)")
     parser.add_argument("--out", help="run dir (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -95,7 +85,6 @@ def main(argv: list[str] | None = None) -> dict:
         augment=args.augment,
         architecture=args.architecture,
         lr_schedule=args.lr_schedule,
-        weight_decay=args.weight_decay,
     )
     start = time.perf_counter()
     metrics = train.run(config)

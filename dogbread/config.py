@@ -50,7 +50,6 @@ class TrainConfig:
     augment: bool = False
     architecture: str = "seed"  # or "residual": stronger from scratch, not the seed's
     lr_schedule: str = "constant"  # or "cosine": decays to 0 over `epochs`
-    weight_decay: float = 0.0  # > 0: AdamW's decoupled weight decay instead of plain Adam
     patience: int = 3  # early stopping on validation loss
     val_fraction: float = 0.1
     test_fraction: float = 0.1
@@ -65,7 +64,6 @@ class TrainConfig:
         _require(self.epochs >= 1, "epochs must be at least 1")
         _require(self.batch_size >= self.workers, "batch_size must be at least the worker count")
         _require(self.learning_rate > 0, "learning_rate must be positive")
-        _require(self.weight_decay >= 0, "weight_decay must not be negative")
         # Three 3x3 convolutions with 2x2 pooling need at least 22 pixels; 32 leaves margin.
         _require(self.image_size >= 32, "image_size must be at least 32")
         _require(self.patience >= 1, "patience must be at least 1")

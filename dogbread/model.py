@@ -41,7 +41,6 @@ class ModelConfig:
     learning_rate: float = 1e-3
     architecture: str = "seed"  # or "residual": stronger from scratch (see _residual_features)
     decay_steps: int = 0  # > 0: cosine decay of the learning rate to 0 over that many steps
-    weight_decay: float = 0.0  # > 0: AdamW (decoupled weight decay) rather than Adam
 
 
 @dataclass(frozen=True)
@@ -97,11 +96,7 @@ def build_model(config: ModelConfig = ModelConfig()) -> keras.Model:
     rate = config.learning_rate
     if config.decay_steps:
         rate = keras.optimizers.schedules.CosineDecay(rate, config.decay_steps)
-    if config.weight_decay:
-        optimizer = keras.optimizers.AdamW(rate, weight_decay=config.weight_decay)
-    else:
-        optimizer = keras.optimizers.Adam(rate)
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+    model.compile(optimizer=keras.optimizers.Adam(rate), loss=loss, metrics=["accuracy"])
     return model
 
 

@@ -143,7 +143,6 @@ def _model_config(config: TrainConfig, manifest: data.Manifest, train_images: in
         learning_rate=config.learning_rate,
         architecture=config.architecture,
         decay_steps=steps if config.lr_schedule == "cosine" else 0,
-        weight_decay=config.weight_decay,
     )
 
 

@@ -113,10 +113,9 @@ def test_wrong_type_is_a_config_error(tmp_path, line, field):
     [
         ({"architecture": "resnet50"}, "architecture must be seed or residual"),
         ({"lr_schedule": "step"}, "lr_schedule must be constant or cosine"),
-        ({"weight_decay": -0.1}, "weight_decay must not be negative"),
     ],
 )
-def test_unknown_choices_and_out_of_range_values_are_config_errors(change, message):
+def test_unknown_choices_are_config_errors(change, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**REQUIRED, **change)
 

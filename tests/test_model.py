@@ -219,13 +219,6 @@ def test_cosine_decay_takes_the_learning_rate_to_zero_over_decay_steps():
     assert float(schedule(100)) == pytest.approx(0, abs=1e-9)
 
 
-def test_weight_decay_swaps_adam_for_adamw_and_zero_keeps_adam():
-    decayed = build_model(ModelConfig(image_size=TINY, weight_decay=0.05)).optimizer
-    assert type(decayed) is keras.optimizers.AdamW
-    assert decayed.get_config()["weight_decay"] == pytest.approx(0.05)
-    assert type(build_model(ModelConfig(image_size=TINY)).optimizer) is keras.optimizers.Adam
-
-
 def test_build_model_is_pure():
     config = ModelConfig(image_size=TINY)
     a, b = build_model(config), build_model(config)
