@@ -43,7 +43,7 @@ BENCHMARKS: list[tuple[str, str, list[str], list[str] | None]] = [
     ),
 ]
 # The seed CNN as the notebook trained it, and the strongest recipe we have (~21 minutes here):
-# 0.961 at 160 px (its last 10 epochs 0.952-0.967); 0.961 and 0.949 at 128 px (bench/README.md).
+# at 160 px, three runs gave 0.961, 0.955 and 0.949; at 128 px two gave 0.961 and 0.949.
 RESIDUAL_RECIPE = ["--architecture", "residual", "--augment", "--lr-schedule", "cosine"]
 RESIDUAL_RECIPE += ["--image-size", "160", "--epochs", "60", "--patience", "20"]
 SMOKE_RESIDUAL = [*RESIDUAL_RECIPE, "--epochs", "1", "--limit", "16", "--image-size", "64"]
