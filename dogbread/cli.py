@@ -14,7 +14,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from dogbread.config import LabelConfig, SynthConfig, TrainConfig, load_config
+from dogbread.config import EnsembleConfig, LabelConfig, SynthConfig, TrainConfig, load_config
 from dogbread.errors import DogbreadError
 
 # Short flags users expect, beside the generated --field-name ones.
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the CNN data-parallel with Ray Train")
     add_config_flags(p, TrainConfig)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint")
+
+    p = sub.add_parser("ensemble", help="one model averaging the probabilities of several runs")
+    add_config_flags(p, EnsembleConfig)
 
     p = sub.add_parser("evaluate", help="metrics of a model on a labeled tree or manifest")
     p.add_argument("--model", required=True)
@@ -155,6 +158,12 @@ def run_command(args: argparse.Namespace) -> int:
             train.resume(args.resume, args.s3_endpoint)
         else:
             train.run(config)
+        return 0
+    if args.command == "ensemble":
+        config = config_from_args(EnsembleConfig, args)
+        from dogbread import ensemble
+
+        ensemble.run(config)
         return 0
     if args.command == "evaluate":
         from dogbread import evaluate

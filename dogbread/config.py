@@ -102,6 +102,16 @@ class LabelConfig:
         _require(self.partition_by in (None, "label"), "partition_by can only be label")
 
 
+@dataclasses.dataclass(frozen=True)
+class EnsembleConfig:
+    members: tuple[str, ...]  # run dirs (or model.keras files), local or s3://
+    out: str  # the ensemble's model dir (local or s3://)
+    s3_endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(len(self.members) >= 2, "an ensemble needs at least two members")
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)

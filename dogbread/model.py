@@ -55,6 +55,7 @@ class ModelCard:
     # sha256 of the model.keras that model.tflite was converted from: a model.tflite beside
     # another model.keras (copied over, retrained) is ignored, not served.
     litert_keras_sha256: str = ""
+    members: tuple[str, ...] = ()  # an ensemble's: the model_version of each member
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -63,6 +64,7 @@ class ModelCard:
     def from_json(cls, text: str) -> ModelCard:
         raw = json.loads(text)
         raw["class_names"] = tuple(raw["class_names"])
+        raw["members"] = tuple(raw.get("members", ()))
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
