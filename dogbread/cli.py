@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import sys
 import typing
@@ -19,6 +20,8 @@ from dogbread.errors import DogbreadError
 
 # Short flags users expect, beside the generated --field-name ones.
 ALIASES = {"use_gpu": ["--gpu"]}
+# Commands that are dogbread.<command>.run(config) with the config built from their flags.
+CONFIG_JOBS = {"ensemble": EnsembleConfig, "label": LabelConfig}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
@@ -159,22 +162,14 @@ def run_command(args: argparse.Namespace) -> int:
         else:
             train.run(config)
         return 0
-    if args.command == "ensemble":
-        config = config_from_args(EnsembleConfig, args)
-        from dogbread import ensemble
-
-        ensemble.run(config)
-        return 0
     if args.command == "evaluate":
         from dogbread import evaluate
 
         evaluate.run(args.model, args.data, args.split, args.s3_endpoint)
         return 0
-    if args.command == "label":
-        config = config_from_args(LabelConfig, args)
-        from dogbread import label
-
-        label.run(config)
+    if args.command in CONFIG_JOBS:  # a module whose run(config) is the whole command
+        config = config_from_args(CONFIG_JOBS[args.command], args)
+        importlib.import_module(f"dogbread.{args.command}").run(config)
         return 0
     if args.command == "report":
         from dogbread import report
