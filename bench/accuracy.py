@@ -4,7 +4,7 @@ Trains with `dogbread train` on the photos' train split, stops early on the val 
 the val split's accuracy, precision and recall (dog is the positive class, as in the notebook).
 With `--members K`, trains K runs (seeds seed..seed+K-1) and reports their `dogbread ensemble`,
 beside each member's own figures; a member whose run dir already holds the finished run of the
-same config is reused, so an interrupted `--out DIR` can be run again.
+same config is reused (a stopped one resumed), so an interrupted `--out DIR` can be run again.
 The photos are read where they are; nothing is copied. Prints one JSON object.
 
     python bench/accuracy.py [--data ../shared/data/dogbread-real] [--epochs 20] [--augment]
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, help="at most this many photos per split (smoke)")
     parser.add_argument("--out", help="run dir (default: a temporary folder)")
     args = parser.parse_args(argv)
+    if args.members < 1:
+        parser.error("--members must be at least 1")
     if not (args.data / "manifest.csv").exists():
         sys.exit(f"no real photos at {args.data} (expected manifest.csv)")
 
@@ -131,12 +133,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 def trained(config: TrainConfig) -> dict:
     """`dogbread train`'s metrics for this config: read from its run dir when a finished run of
-    the very same config is there, else trained."""
+    the very same config is there, resumed from its checkpoint when a stopped one is, else
+    trained."""
     done = Path(config.out) / "metrics.json"
     saved = Path(config.out) / CONFIG_FILENAME
-    if done.exists() and saved.read_text() == dump_config(config):
-        print(f"reusing the finished run in {config.out}", file=sys.stderr)
-        return json.loads(done.read_text())
+    if saved.exists() and saved.read_text() == dump_config(config):
+        if done.exists():
+            print(f"reusing the finished run in {config.out}", file=sys.stderr)
+            return json.loads(done.read_text())
+        return train.resume(config.out)
     return train.run(config)
 
 

@@ -111,6 +111,23 @@ def test_accuracy_smoke_trains_on_the_real_photos_and_reports_beside_the_noteboo
     assert card["members"] == [v["model_version"] for v in versions]
     assert "architecture residual" in text and "the members alone" in text
 
+    # Again into the same folder (what run_all ran, with --out): the members are not trained again.
+    smoke = ["--architecture", "residual", "--augment", "--lr-schedule", "cosine"]
+    smoke += ["--image-size", "64", "--epochs", "1", "--patience", "20", "--limit", "16"]
+    again = subprocess.run(
+        [sys.executable, "bench/accuracy.py", *smoke, "--members", "2"]
+        + ["--out", str(Path(ensembled["run_dir"]).parent)],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    assert again.stderr.count("reusing the finished run") == 2
+    rerun = json.loads(again.stdout)
+    assert rerun["members"] == members
+    assert rerun["accuracy"] == ensembled["accuracy"]
+
 
 # --- the LiteRT runtime that labeling and predict run on (the benchmarks' fast path) ------------
 
