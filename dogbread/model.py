@@ -212,14 +212,14 @@ def model_paths(uri: str) -> tuple[str, str]:
 
 def load_model(uri: str, s3_endpoint: str | None = None) -> tuple[keras.Model, ModelCard]:
     """Load a model dir (or its model.keras) in Keras safe mode, with its model card."""
-    import tf_keras as keras
-
     directory, model_uri = model_paths(uri)
     try:
         fs, path = storage.resolve(model_uri, s3_endpoint)
         data = storage.read_bytes(fs, path)
     except OSError:
         raise ModelError(f"no model at {uri} (expected a run dir with {MODEL_FILENAME})") from None
+    import tf_keras as keras  # after the read: a wrong path fails before TensorFlow loads
+
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, MODEL_FILENAME)
         with open(local, "wb") as out:
