@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import logging
 import sys
+import types
 import typing
 from collections.abc import Sequence
 from typing import Any
@@ -33,7 +34,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[
             continue
         flags = [f"--{field.name.replace('_', '-')}", *ALIASES.get(field.name, [])]
         hint = hints[field.name]
-        base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+        optional = isinstance(hint, types.UnionType)  # `X | None`; not tuple[str, ...]'s args
+        base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
         default = "" if field.default is dataclasses.MISSING else f" (default: {field.default})"
         if base is bool:
             parser.add_argument(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +187,30 @@ def test_members_and_ensemble_on_s3(s3_server, tmp_path):
     model, loaded = load_model("s3://runs/ensemble", endpoint)
     assert loaded.members == card.members and len(card.members) == 2
     assert model.count_params() == card.parameter_count
+
+
+def test_a_missing_member_fails_in_one_line_before_tensorflow_loads(tmp_path):
+    probe = (
+        "import sys; from dogbread.cli import main; "
+        f"code = main(['ensemble', '--members', '{tmp_path}/a,{tmp_path}/b', '--out', "
+        f"'{tmp_path}/out']); "
+        "assert not [m for m in sys.modules if m.startswith(('tensorflow', 'tf_keras'))]; "
+        "sys.exit(code)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"dogbread: error: no model at {tmp_path}/a (expected a run dir with model.keras)"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_says_members_are_comma_separated():
+    done = subprocess.run(
+        [sys.executable, "-m", "dogbread", "ensemble", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert "--members MEMBERS     comma-separated" in done.stdout
