@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as pads
 import pytest
 import yaml
 
@@ -121,8 +120,7 @@ def test_the_ensemble_is_a_model_dir_that_predict_and_label_use(members, images,
 
     labeled = tmp_path / "labels"
     label.run(LabelConfig(model=str(out), input=str(images[0].parents[1]), output=str(labeled)))
-    parts = sorted(str(p) for p in labeled.rglob("part-*.parquet"))
-    rows = {r["path"]: r for r in pads.dataset(parts, format="parquet").to_table().to_pylist()}
+    rows = {r["path"]: r for r in label.read_labels(str(labeled)).to_pylist()}
     assert sorted(rows) == sorted(str(p) for p in images)
     for path, probabilities in zip(images, expected, strict=True):
         row = rows[str(path)]
