@@ -19,3 +19,7 @@ class ModelError(DogbreadError):
 
 class StorageError(DogbreadError):
     """An input or output location that cannot be reached, read or written."""
+
+
+class ClusterError(DogbreadError):
+    """A Ray cluster that cannot be reached or joined."""

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
+
+from dogbread.errors import ClusterError
 
 log = logging.getLogger(__name__)
 
 # Workers must use tf-keras too, and must know it before TensorFlow is imported.
 WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+REACH_TIMEOUT_S = 5.0  # a head that does not accept a TCP connection in this long is not there
 
 
 def ensure_ray() -> bool:
@@ -23,8 +27,16 @@ def ensure_ray() -> bool:
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        _check_reachable(address)
         # A cluster's workers get WORKER_ENV from the job's runtime_env (cluster/runtime_env.yaml).
-        ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except ConnectionError as exc:  # reachable, but it would not let us in
+            raise ClusterError(
+                f"cannot join the Ray cluster at {address} (RAY_ADDRESS): {exc}; if it has token "
+                "authentication on, set RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN or "
+                "~/.ray/auth_token (cluster/README.md)"
+            ) from None
     else:
         ray.init(
             runtime_env={
@@ -36,6 +48,24 @@ def ensure_ray() -> bool:
         )
     log.info("Ray %s: %s", "joined" if address else "started locally", ray.cluster_resources())
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds on a head that is not there: ray.init retries one for many minutes.
+
+    Only host:port addresses (ray:// too) are checked; "auto" and "local" are Ray's to resolve.
+    """
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or "://" in host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__  # "Connection refused", or "TimeoutError"
+        raise ClusterError(
+            f"no Ray cluster answers at {address} (RAY_ADDRESS): {reason}; start one, fix the "
+            "address, or unset RAY_ADDRESS to run on a local Ray"
+        ) from None
 
 
 def quiet_train_cleaner() -> None:

@@ -50,6 +50,7 @@ slow = pytest.mark.slow
 class Head(NamedTuple):
     address: str  # the dashboard: where jobs are submitted
     token: str
+    gcs: str  # what a driver joins (RAY_ADDRESS inside a job)
 
     def client_env(self) -> dict[str, str]:
         """A client's environment as a user sets it for a token-auth cluster."""
@@ -107,7 +108,8 @@ def head() -> Iterator[Head]:
         process = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-    head = Head(f"http://127.0.0.1:{ports['dashboard-port']}", token)
+    dashboard, gcs = (f"127.0.0.1:{ports[name]}" for name in ("dashboard-port", "port"))
+    head = Head(f"http://{dashboard}", token, gcs)
     try:
         _wait_for_jobs_api(head, process, log_path)
         yield head
@@ -235,6 +237,36 @@ def test_a_client_without_the_token_is_refused(head: Head, tree: Path, tmp_path:
     assert done.returncode == 2
     error = done.stderr.splitlines()[-1]
     assert error.startswith("dogbread: error: Authentication required") and "RAY_AUTH_MODE" in error
+
+
+@slow
+def test_joining_with_a_wrong_token_fails_in_one_line(
+    head: Head, tree: Path, tmp_path: Path
+) -> None:
+    # Ray retries a refused join once a second, 20 times by default; once is enough here.
+    env = {**head.client_env(), "RAY_AUTH_TOKEN": "0" * 64, "RAY_ADDRESS": head.gcs}
+    env["RAY_gcs_server_port_wait_time_s"] = "1"
+    command = [sys.executable, "-m", "dogbread", "train", "--data", str(tree)]
+    command += ["--out", str(tmp_path / "run"), *TRAIN_FLAGS]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    error = done.stderr.splitlines()[-1]
+    assert error.startswith(f"dogbread: error: cannot join the Ray cluster at {head.gcs}")
+    assert "RAY_AUTH_TOKEN" in error and "0" * 64 not in done.stderr
+
+
+def test_a_ray_address_nobody_answers_on_fails_at_once(tree: Path, tmp_path: Path) -> None:
+    # Ray itself would retry it for over ten minutes.
+    (port,) = free_ports(1)
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    command = [sys.executable, "-m", "dogbread", "train", "--data", str(tree)]
+    command += ["--out", str(tmp_path / "run"), *TRAIN_FLAGS]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        f"dogbread: error: no Ray cluster answers at 127.0.0.1:{port} (RAY_ADDRESS): Connection "
+        "refused; start one, fix the address, or unset RAY_ADDRESS to run on a local Ray"
+    )
 
 
 # --- dogbread submit's own logic, without a cluster ----------------------------------------------
