@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -158,6 +159,16 @@ def test_two_workers_learn_as_well_as_one(ray_local, two_worker_run, training_ma
     # The same global batch and learning rate: the two runs should end up alike.
     assert one["accuracy"] >= 0.8 and two["accuracy"] >= 0.8, (one["accuracy"], two["accuracy"])
     assert abs(one["accuracy"] - two["accuracy"]) <= 0.12
+
+
+def test_the_seed_sets_the_initial_weights():
+    from dogbread.train_worker import seeded_model
+
+    config = {"image_size": SMALL}
+    first, again, other = (seeded_model(config, seed).get_weights() for seed in (0, 0, 1))
+    assert all(np.array_equal(x, y) for x, y in zip(first, again, strict=True))
+    kernels = [(x, y) for x, y in zip(first, other, strict=True) if x.ndim > 1]  # biases: 0
+    assert kernels and not any(np.allclose(x, y, atol=1e-3) for x, y in kernels)
 
 
 def test_a_finished_run_dir_is_not_overwritten(two_worker_run, tree_with_bad_files):
