@@ -51,7 +51,7 @@ def ensure_ray() -> bool:
 
 
 def _check_reachable(address: str) -> None:
-    """Fail in seconds on a head that is not there: ray.init retries one for many minutes.
+    """Fail in seconds on a head that is not there: ray.init retries it for minutes.
 
     Only host:port addresses (ray:// too) are checked; "auto" and "local" are Ray's to resolve.
     """

@@ -256,7 +256,7 @@ def test_joining_with_a_wrong_token_fails_in_one_line(
 
 
 def test_a_ray_address_nobody_answers_on_fails_at_once(tree: Path, tmp_path: Path) -> None:
-    # Ray itself would retry it for over ten minutes.
+    # Ray by itself was still retrying such an address after two minutes.
     (port,) = free_ports(1)
     env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}
     command = [sys.executable, "-m", "dogbread", "train", "--data", str(tree)]
