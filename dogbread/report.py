@@ -91,6 +91,12 @@ def _label_page(output: str, endpoint: str | None) -> str:
     fs, root = storage.resolve(output, endpoint)
     parts = label.part_files(fs, root)
     if not parts:
+        card = _read(storage.join(output, CARD_FILENAME), endpoint) or {}
+        if card.get("members"):  # `dogbread ensemble` writes a model dir without training curves
+            raise DataError(
+                f"{output} is an ensemble of {len(card['members'])} runs, with no curves of its "
+                "own: report its members' run dirs; `dogbread evaluate` gives its metrics"
+            )
         raise DataError(f"{output} holds neither label parts nor a training run")
     dataset = pads.dataset(parts, filesystem=fs, schema=labeler.OUTPUT_SCHEMA)
     scanner = dataset.scanner(columns=["label", "score", "error"])

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import yaml
 
-from dogbread import ensemble, label
+from dogbread import ensemble, label, report
 from dogbread.cli import main
 from dogbread.config import EnsembleConfig, LabelConfig
-from dogbread.errors import ModelError
+from dogbread.errors import DataError, ModelError
 from dogbread.images import decode_image
 from dogbread.model import (
     ModelCard,
@@ -108,6 +108,8 @@ def test_the_ensemble_is_a_model_dir_that_predict_and_label_use(members, images,
         "s3_endpoint": None,
     }
     assert {m: digest(Path(m)) for m in members} == before  # the runs are only read
+    with pytest.raises(DataError, match=f"an ensemble of {len(members)} runs.*`dogbread evaluate`"):
+        report.write_report(str(out))
 
     # Keras (safe mode) and the LiteRT conversion that label runs give the members' mean.
     model, loaded_card = load_model(str(out))
