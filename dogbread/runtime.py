@@ -27,7 +27,7 @@ def ensure_ray() -> bool:
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        _check_reachable(address)
+        _check_address(address)
         # A cluster's workers get WORKER_ENV from the job's runtime_env (cluster/runtime_env.yaml).
         try:
             ray.init(address=address, logging_level=logging.WARNING)
@@ -50,11 +50,18 @@ def ensure_ray() -> bool:
     return True
 
 
-def _check_reachable(address: str) -> None:
-    """Fail in seconds on a head that is not there: ray.init retries it for minutes.
+def _check_address(address: str) -> None:
+    """Fail in seconds on an address that cannot be joined: ray.init retries a head that is not
+    there for minutes, and answers a dashboard address with a traceback.
 
-    Only host:port addresses (ray:// too) are checked; "auto" and "local" are Ray's to resolve.
+    Only host:port addresses (ray:// too) are tried; "auto" and "local" are Ray's to resolve.
     """
+    if address.startswith(("http://", "https://")):  # what `ray job submit` reads from it
+        raise ClusterError(
+            f"RAY_ADDRESS={address} is a dashboard (Jobs API) address, which `dogbread submit "
+            "--address` takes; to run here on a cluster, set it to the head's GCS address "
+            "(HEAD:6379), or unset it to run on a local Ray"
+        )
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or "://" in host or not port.isdigit():
         return

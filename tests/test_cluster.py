@@ -255,18 +255,30 @@ def test_joining_with_a_wrong_token_fails_in_one_line(
     assert "RAY_AUTH_TOKEN" in error and "0" * 64 not in done.stderr
 
 
-def test_a_ray_address_nobody_answers_on_fails_at_once(tree: Path, tmp_path: Path) -> None:
-    # Ray by itself was still retrying such an address after two minutes.
-    (port,) = free_ports(1)
-    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+def _train_error(tree: Path, tmp_path: Path, ray_address: str) -> str:
+    """The last stderr line of `dogbread train` run with RAY_ADDRESS set; it must exit 2."""
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
     command = [sys.executable, "-m", "dogbread", "train", "--data", str(tree)]
     command += ["--out", str(tmp_path / "run"), *TRAIN_FLAGS]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert done.stderr.splitlines()[-1] == (
+    assert done.returncode == 2, done.stderr[-3000:]
+    return done.stderr.splitlines()[-1]
+
+
+def test_a_ray_address_nobody_answers_on_fails_at_once(tree: Path, tmp_path: Path) -> None:
+    # Ray by itself was still retrying such an address after two minutes.
+    (port,) = free_ports(1)
+    assert _train_error(tree, tmp_path, f"127.0.0.1:{port}") == (
         f"dogbread: error: no Ray cluster answers at 127.0.0.1:{port} (RAY_ADDRESS): Connection "
         "refused; start one, fix the address, or unset RAY_ADDRESS to run on a local Ray"
     )
+
+
+def test_a_dashboard_address_in_ray_address_is_explained(tree: Path, tmp_path: Path) -> None:
+    # Ray's docs have users export it for `ray job submit`; ray.init answered with a traceback.
+    error = _train_error(tree, tmp_path, "http://127.0.0.1:8265")
+    assert error.startswith("dogbread: error: RAY_ADDRESS=http://127.0.0.1:8265 is a dashboard")
+    assert "dogbread submit --address" in error and "HEAD:6379" in error
 
 
 # --- dogbread submit's own logic, without a cluster ----------------------------------------------
