@@ -33,7 +33,7 @@ import numpy as np
 
 from dogbread import data, evaluate, storage
 from dogbread.config import CONFIG_FILENAME, TrainConfig, dump_config, load_config
-from dogbread.errors import DataError
+from dogbread.errors import ConfigError, DataError
 from dogbread.train_worker import BEST_WEIGHTS, STATE, train_loop
 
 log = logging.getLogger(__name__)
@@ -57,19 +57,38 @@ def run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if not resume and storage.exists(storage.join(out, CONFIG_FILENAME), config.s3_endpoint):
         raise DataError(f"{out} already holds a run: continue it with --resume {out}")
     storage.check_writable(out, config.s3_endpoint)
-    storage.write_text(storage.join(out, CONFIG_FILENAME), dump_config(config), config.s3_endpoint)
-    data.write_manifest(manifest, storage.join(out, MANIFEST_FILENAME), config.s3_endpoint)
 
     from dogbread.runtime import ensure_ray
 
     started = ensure_ray()
     try:
+        if started:
+            _check_local_ray_fits(config)
+        storage.write_text(
+            storage.join(out, CONFIG_FILENAME), dump_config(config), config.s3_endpoint
+        )
+        data.write_manifest(manifest, storage.join(out, MANIFEST_FILENAME), config.s3_endpoint)
         return _train_and_evaluate(config, manifest)
     finally:
         if started:
             import ray
 
             ray.shutdown()
+
+
+def _check_local_ray_fits(config: TrainConfig) -> None:
+    """A Ray started here has no autoscaler: Ray Train would wait forever (retrying every 60 s)
+    for workers it cannot place. A joined cluster may still grow, so only a local one is checked.
+    """
+    import ray
+
+    kind = "GPU" if config.use_gpu else "CPU"
+    have = int(ray.cluster_resources().get(kind, 0))
+    if config.workers > have:
+        raise ConfigError(
+            f"{config.workers} workers need {config.workers} {kind}s (one each), and the local "
+            f"Ray has {have}: train with at most {have} workers, or on a cluster (dogbread submit)"
+        )
 
 
 def resume(run_dir: str, s3_endpoint: str | None = None) -> dict[str, Any]:

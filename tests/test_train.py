@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +204,20 @@ def test_unusable_trees_fail_before_ray_starts(tmp_path, layout, message):
     with pytest.raises(DataError, match=message):
         train.run(small_config(str(root), tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_more_workers_than_a_local_ray_has_fail_at_once(tree_with_bad_files, tmp_path):
+    # Its own process: only a Ray that dogbread starts itself is checked (ray_local is joined).
+    # Ray Train would otherwise wait for the workers forever.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "dogbread", "train", "--data", tree_with_bad_files]
+    command += ["--out", str(out), "--workers", "4096", "--batch-size", "4096"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    error = done.stderr.splitlines()[-1]
+    assert error.startswith("dogbread: error: 4096 workers need 4096 CPUs (one each), and the ")
+    assert not (out / "config.yaml").exists()  # so the same --out can be used once it is fixed
 
 
 def test_evaluate_reproduces_the_run_metrics_on_its_test_split(two_worker_run):
