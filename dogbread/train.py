@@ -82,13 +82,19 @@ def _check_local_ray_fits(config: TrainConfig) -> None:
     """
     import ray
 
-    kind = "GPU" if config.use_gpu else "CPU"
-    have = int(ray.cluster_resources().get(kind, 0))
-    if config.workers > have:
-        raise ConfigError(
-            f"{config.workers} workers need {config.workers} {kind}s (one each), and the local "
-            f"Ray has {have}: train with at most {have} workers, or on a cluster (dogbread submit)"
-        )
+    resources = ray.cluster_resources()
+    for kind in ("GPU", "CPU") if config.use_gpu else ("CPU",):  # each worker takes 1 of each
+        have = int(resources.get(kind, 0))
+        if have == 0:  # only GPUs can be missing altogether
+            raise ConfigError(
+                "--gpu needs a GPU for each worker, and the local Ray has none: drop --gpu, or "
+                "train on a GPU cluster (dogbread submit)"
+            )
+        if config.workers > have:
+            raise ConfigError(
+                f"{config.workers} workers need a {kind} each, and the local Ray has {have}: use "
+                f"--workers {have} or fewer, or train on a cluster (dogbread submit)"
+            )
 
 
 def resume(run_dir: str, s3_endpoint: str | None = None) -> dict[str, Any]:
