@@ -251,6 +251,9 @@ def _label(
         started_ray = ensure_ray()
         inference = converting.result()
     if config.use_gpu and not ray.cluster_resources().get("GPU"):
+        if started_ray:  # no autoscaler: the actors would wait for a GPU forever
+            ray.shutdown()
+            raise ConfigError("--gpu needs a GPU, and the local Ray has none: drop --gpu")
         # Not an error: an autoscaling cluster adds GPU nodes once the actors ask for them.
         log.warning("no GPU in the Ray cluster yet: the labeling actors wait for one")
     run_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
@@ -264,7 +267,9 @@ def _label(
         labeler_args = (model_file, card.to_json(), inference, in_fs, config.threshold)
         ds = ray.data.from_blocks(blocks).map_batches(
             Labeler,
-            batch_size=None,  # a block is a batch
+            # A block is a batch. Ray refuses GPU map_batches without a batch_size; the blocks
+            # already hold that many rows, so it is the same batching.
+            batch_size=size if config.use_gpu else None,
             batch_format="pyarrow",
             # Two batches in flight per actor: one's decoding and Parquet write overlap the
             # other's model calls (~7% more images/s here); the model runs one call at a time.

@@ -73,12 +73,23 @@ def synthetic_tree(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def ray_local():
     """A real local Ray runtime for the tests of one module (2 CPUs, like this machine)."""
+    yield from _local_ray(num_gpus=0)
+
+
+@pytest.fixture(scope="module")
+def ray_local_gpu():
+    """ray_local with one GPU, faked: Ray schedules on it, TensorFlow runs on the CPU."""
+    yield from _local_ray(num_gpus=1)
+
+
+def _local_ray(num_gpus: int):
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
     ray.init(
         num_cpus=2,
+        num_gpus=num_gpus,
         include_dashboard=False,
         log_to_driver=True,
         runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}},
