@@ -251,7 +251,7 @@ def _label(
         started_ray = ensure_ray()
         inference = converting.result()
     if config.use_gpu and not ray.cluster_resources().get("GPU"):
-        if started_ray:  # no autoscaler: the actors would wait for a GPU forever
+        if started_ray == "local":  # no autoscaler: the actors would wait for a GPU forever
             ray.shutdown()
             raise ConfigError("--gpu needs a GPU, and the local Ray has none: drop --gpu")
         # Not an error: an autoscaling cluster adds GPU nodes once the actors ask for them.

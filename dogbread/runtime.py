@@ -21,10 +21,15 @@ WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 REACH_TIMEOUT_S = 5.0  # a head that does not accept a TCP connection in this long is not there
 
 
-def ensure_ray() -> bool:
-    """Connect to Ray; True when this call started it (so the caller shuts it down)."""
+def ensure_ray() -> str | None:
+    """Connect to Ray: "local" when this call started a Ray of its own, "joined" when it joined a
+    cluster (the caller shuts down either), None when Ray was up already.
+
+    A local Ray has no autoscaler: what it lacks (GPUs, CPUs for more workers) never comes, so
+    callers refuse such work on it at once, where a cluster may still grow.
+    """
     if ray.is_initialized():
-        return False
+        return None
     address = os.environ.get("RAY_ADDRESS")
     if address:
         _check_address(address)
@@ -46,8 +51,9 @@ def ensure_ray() -> bool:
             include_dashboard=False,
             logging_level=logging.WARNING,
         )
-    log.info("Ray %s: %s", "joined" if address else "started locally", ray.cluster_resources())
-    return True
+    started = "local" if address in (None, "", "local") else "joined"  # "local": a new one
+    log.info("Ray %s: %s", started, ray.cluster_resources())
+    return started
 
 
 def _check_address(address: str) -> None:

@@ -62,7 +62,7 @@ def run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
     started = ensure_ray()
     try:
-        if started:
+        if started == "local":
             _check_local_ray_fits(config)
         storage.write_text(
             storage.join(out, CONFIG_FILENAME), dump_config(config), config.s3_endpoint
@@ -77,9 +77,8 @@ def run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
 
 def _check_local_ray_fits(config: TrainConfig) -> None:
-    """A Ray started here has no autoscaler: Ray Train would wait forever (retrying every 60 s)
-    for workers it cannot place. A joined cluster may still grow, so only a local one is checked.
-    """
+    """A local Ray has no autoscaler: Ray Train would wait forever (retrying every 60 s) for
+    workers it cannot place. A joined cluster may still grow, so it is not checked."""
     import ray
 
     resources = ray.cluster_resources()

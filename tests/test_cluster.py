@@ -255,6 +255,17 @@ def test_joining_with_a_wrong_token_fails_in_one_line(
     assert "RAY_AUTH_TOKEN" in error and "0" * 64 not in done.stderr
 
 
+@slow
+def test_a_joined_cluster_is_not_taken_for_a_local_ray(head: Head) -> None:
+    # Work a local Ray cannot place is refused (no autoscaler); a cluster's may still come.
+    code = "from dogbread.runtime import ensure_ray; print(ensure_ray())"
+    env = {**head.client_env(), "RAY_ADDRESS": head.gcs}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.split()[-1:] == ["joined"], done.stderr[-3000:]
+
+
 def _train_error(tree: Path, tmp_path: Path, ray_address: str) -> str:
     """The last stderr line of `dogbread train` run with RAY_ADDRESS set; it must exit 2."""
     env = {**os.environ, "RAY_ADDRESS": ray_address}

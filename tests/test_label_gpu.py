@@ -4,6 +4,7 @@ run that whole path; the labels must match the CPU path's (LiteRT)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -20,9 +21,13 @@ def test_gpu_actors_label_every_image_as_the_cpu_path_does(
     for use_gpu in (False, True):
         out = tmp_path / f"use-gpu-{use_gpu}"
         config = LabelConfig(
-            model=small_model_dir, input=synthetic_tree, output=str(out), batch_size=16
+            model=small_model_dir,
+            input=synthetic_tree,
+            output=str(out),
+            batch_size=16,
+            use_gpu=use_gpu,
         )
-        summary = label.run(LabelConfig(**{**config.__dict__, "use_gpu": use_gpu}))
+        summary = label.run(config)
         assert summary["labeled"] == summary["images"] == 120 and summary["errors"] == {}
         rows[use_gpu] = {r["path"]: r for r in label.read_labels(str(out)).to_pylist()}
     assert rows[True].keys() == rows[False].keys()
@@ -36,7 +41,8 @@ def test_gpu_on_a_local_ray_without_one_fails_at_once(synthetic_tree, small_mode
     # Its own process, so that dogbread starts the Ray itself: one it joins may still grow GPUs.
     command = [sys.executable, "-m", "dogbread", "label", "--model", small_model_dir, "--gpu"]
     command += ["--input", synthetic_tree, "--output", str(tmp_path / "out")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     error = done.stderr.splitlines()[-1]
     assert error == "dogbread: error: --gpu needs a GPU, and the local Ray has none: drop --gpu"
