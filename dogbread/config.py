@@ -53,7 +53,7 @@ class TrainConfig:
     patience: int = 3  # early stopping on validation loss
     val_fraction: float = 0.1
     test_fraction: float = 0.1
-    seed: int = 0
+    seed: int | None = None  # None: drawn when the run starts; config.yaml records the one used
     max_failures: int = 2  # worker failures Ray Train retries from the last checkpoint
     # A worker reads its decoded shards once and keeps them in memory when they fit (0: never)
     worker_cache_mib: int = 2048

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import tempfile
 from typing import Any
 
@@ -45,6 +46,8 @@ MANIFEST_FILENAME = "manifest.parquet"
 
 def run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Train, evaluate on the test split, and write every artifact into config.out."""
+    if config.seed is None:  # drawn here, so that the config.yaml written below repeats the run
+        config = dataclasses.replace(config, seed=secrets.randbelow(2**31))
     manifest = data.load_labeled(
         config.data, config.val_fraction, config.test_fraction, config.s3_endpoint
     )

@@ -132,6 +132,7 @@ def test_run_dir_holds_model_card_metrics_curves_and_config(two_worker_run):
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["workers"] == 2 and resolved["image_size"] == SMALL
+    assert isinstance(resolved["seed"], int)  # not given: drawn, and recorded to repeat the run
     assert [w["gpus"] for w in metrics["workers"]] == [0, 0]
     assert len({w["node"] for w in metrics["workers"]}) == 1  # one local node
 
