@@ -250,16 +250,15 @@ def _label(
         converting = pool.submit(_inference_model, model, config.use_gpu)
         started_ray = ensure_ray()
         inference = converting.result()
-    if config.use_gpu and not ray.cluster_resources().get("GPU"):
-        if started_ray == "local":  # no autoscaler: the actors would wait for a GPU forever
-            ray.shutdown()
-            raise ConfigError("--gpu needs a GPU, and the local Ray has none: drop --gpu")
-        # Not an error: an autoscaling cluster adds GPU nodes once the actors ask for them.
-        log.warning("no GPU in the Ray cluster yet: the labeling actors wait for one")
     run_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     size, finished, start = config.batch_size, 0, time.monotonic()
     counts: Counter[str] = Counter()
     try:
+        if config.use_gpu and not ray.cluster_resources().get("GPU"):
+            if started_ray == "local":  # no autoscaler: the actors would wait for a GPU forever
+                raise ConfigError("--gpu needs a GPU, and the local Ray has none: drop --gpu")
+            # Not an error: an autoscaling cluster adds GPU nodes once the actors ask for them.
+            log.warning("no GPU in the Ray cluster yet: the labeling actors wait for one")
         # One block per batch, so Ray's per-block costs are paid once per batch. from_blocks
         # (a DeveloperAPI; Ray is pinned) takes the blocks' metadata from the driver, where
         # from_arrow runs a Ray task per block for it: ~1.5 s of start-up on 2 CPUs.
