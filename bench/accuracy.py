@@ -118,10 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
             "benchmark": "accuracy",
             "data": str(args.data),
             "config": figures[0]["config"] | {"members": args.members},
-            "val_images": metrics["images"],
-            "accuracy": round(metrics["accuracy"], 4),
-            "precision": round(metrics["precision"], 4),
-            "recall": round(metrics["recall"], 4),
+            **scores(metrics),
             "members": figures,
             "run_dir": str(out),
         }
@@ -145,6 +142,12 @@ def trained(config: TrainConfig) -> dict:
     return train.run(config)
 
 
+def scores(metrics: dict) -> dict:
+    """The val split's size and figures, as `dogbread train` and `dogbread evaluate` give them."""
+    figures = {k: round(metrics[k], 4) for k in ("accuracy", "precision", "recall")}
+    return {"val_images": metrics["images"], **figures}
+
+
 def run_figures(config: TrainConfig, metrics: dict) -> dict:
     seconds = [row["seconds"] for row in metrics["history"]]
     return {
@@ -152,10 +155,7 @@ def run_figures(config: TrainConfig, metrics: dict) -> dict:
         "seed": config.seed,
         "epochs_run": metrics["epochs_run"],
         "best_epoch": metrics["best_epoch"],
-        "val_images": metrics["images"],
-        "accuracy": round(metrics["accuracy"], 4),
-        "precision": round(metrics["precision"], 4),
-        "recall": round(metrics["recall"], 4),
+        **scores(metrics),
         "median_epoch_seconds": sorted(seconds)[len(seconds) // 2] if seconds else None,
         "fit_seconds": round(sum(seconds), 1),
         "run_dir": config.out,
