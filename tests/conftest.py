@@ -9,6 +9,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -68,6 +69,17 @@ def synthetic_tree(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("synthetic")
     write_synthetic_tree(root, per_class=60, seed=1)
     return str(root)
+
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(remove: tuple[str, ...] = (), **changes: str) -> dict[str, str]:
+    """os.environ without RAY_ADDRESS (a run starts its own Ray) and `remove`, with `changes`."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and k not in remove}
+    env["PYTHONPATH"] = str(PROJECT)
+    env.update(changes)
+    return env
 
 
 @pytest.fixture(scope="module")

@@ -239,6 +239,15 @@ def test_a_client_without_the_token_is_refused(head: Head, tree: Path, tmp_path:
     assert error.startswith("dogbread: error: Authentication required") and "RAY_AUTH_MODE" in error
 
 
+def _failed_train(tree: Path, tmp_path: Path, env: dict[str, str]) -> str:
+    """The stderr of `dogbread train` run with `env`, which must stop it with exit code 2."""
+    command = [sys.executable, "-m", "dogbread", "train", "--data", str(tree)]
+    command += ["--out", str(tmp_path / "run"), *TRAIN_FLAGS]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    return done.stderr
+
+
 @slow
 def test_joining_with_a_wrong_token_fails_in_one_line(
     head: Head, tree: Path, tmp_path: Path
@@ -246,13 +255,10 @@ def test_joining_with_a_wrong_token_fails_in_one_line(
     # Ray retries a refused join once a second, 20 times by default; once is enough here.
     env = {**head.client_env(), "RAY_AUTH_TOKEN": "0" * 64, "RAY_ADDRESS": head.gcs}
     env["RAY_gcs_server_port_wait_time_s"] = "1"
-    command = [sys.executable, "-m", "dogbread", "train", "--data", str(tree)]
-    command += ["--out", str(tmp_path / "run"), *TRAIN_FLAGS]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    error = done.stderr.splitlines()[-1]
+    stderr = _failed_train(tree, tmp_path, env)
+    error = stderr.splitlines()[-1]
     assert error.startswith(f"dogbread: error: cannot join the Ray cluster at {head.gcs}")
-    assert "RAY_AUTH_TOKEN" in error and "0" * 64 not in done.stderr
+    assert "RAY_AUTH_TOKEN" in error and "0" * 64 not in stderr
 
 
 @slow
@@ -266,20 +272,11 @@ def test_a_joined_cluster_is_not_taken_for_a_local_ray(head: Head) -> None:
     assert done.stdout.split()[-1:] == ["joined"], done.stderr[-3000:]
 
 
-def _train_error(tree: Path, tmp_path: Path, ray_address: str) -> str:
-    """The last stderr line of `dogbread train` run with RAY_ADDRESS set; it must exit 2."""
-    env = {**os.environ, "RAY_ADDRESS": ray_address}
-    command = [sys.executable, "-m", "dogbread", "train", "--data", str(tree)]
-    command += ["--out", str(tmp_path / "run"), *TRAIN_FLAGS]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr[-3000:]
-    return done.stderr.splitlines()[-1]
-
-
 def test_a_ray_address_nobody_answers_on_fails_at_once(tree: Path, tmp_path: Path) -> None:
     # Ray by itself was still retrying such an address after two minutes.
     (port,) = free_ports(1)
-    assert _train_error(tree, tmp_path, f"127.0.0.1:{port}") == (
+    stderr = _failed_train(tree, tmp_path, {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"})
+    assert stderr.splitlines()[-1] == (
         f"dogbread: error: no Ray cluster answers at 127.0.0.1:{port} (RAY_ADDRESS): Connection "
         "refused; start one, fix the address, or unset RAY_ADDRESS to run on a local Ray"
     )
@@ -287,7 +284,8 @@ def test_a_ray_address_nobody_answers_on_fails_at_once(tree: Path, tmp_path: Pat
 
 def test_a_dashboard_address_in_ray_address_is_explained(tree: Path, tmp_path: Path) -> None:
     # Ray's docs have users export it for `ray job submit`; ray.init answered with a traceback.
-    error = _train_error(tree, tmp_path, "http://127.0.0.1:8265")
+    env = {**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8265"}
+    error = _failed_train(tree, tmp_path, env).splitlines()[-1]
     assert error.startswith("dogbread: error: RAY_ADDRESS=http://127.0.0.1:8265 is a dashboard")
     assert "dogbread submit --address" in error and "HEAD:6379" in error
 

@@ -4,7 +4,6 @@ run that whole path; the labels must match the CPU path's (LiteRT)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -12,6 +11,8 @@ import numpy as np
 
 from dogbread import label
 from dogbread.config import LabelConfig
+
+from .conftest import subprocess_env
 
 
 def test_gpu_actors_label_every_image_as_the_cpu_path_does(
@@ -41,8 +42,9 @@ def test_gpu_on_a_local_ray_without_one_fails_at_once(synthetic_tree, small_mode
     # Its own process, so that dogbread starts the Ray itself: one it joins may still grow GPUs.
     command = [sys.executable, "-m", "dogbread", "label", "--model", small_model_dir, "--gpu"]
     command += ["--input", synthetic_tree, "--output", str(tmp_path / "out")]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        command, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     error = done.stderr.splitlines()[-1]
     assert error == "dogbread: error: --gpu needs a GPU, and the local Ray has none: drop --gpu"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from dogbread.config import TrainConfig
 from dogbread.errors import DataError
 from dogbread.model import ModelCard, load_model
 
-from .conftest import SMALL
+from .conftest import SMALL, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -210,11 +209,12 @@ def test_unusable_trees_fail_before_ray_starts(tmp_path, layout, message):
 def test_more_workers_than_a_local_ray_has_fail_at_once(tree_with_bad_files, tmp_path):
     # Its own process: only a Ray that dogbread starts itself is checked (ray_local is joined).
     # Ray Train would otherwise wait for the workers forever.
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out = tmp_path / "run"
     command = [sys.executable, "-m", "dogbread", "train", "--data", tree_with_bad_files]
     command += ["--out", str(out), "--workers", "4096", "--batch-size", "4096"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        command, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     error = done.stderr.splitlines()[-1]
     assert error.startswith("dogbread: error: 4096 workers need a CPU each, and the local Ray")

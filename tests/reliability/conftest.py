@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import subprocess_env
 from .catalog import SYMLINK, SYMLINK_TARGET, write_catalog
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -61,14 +62,6 @@ class Run:
     def explain(self) -> str:
         command = " ".join(self.args)
         return f"{command}\nexit {self.returncode}\n--- stderr ---\n{self.stderr[-4000:]}"
-
-
-def subprocess_env(remove: tuple[str, ...] = (), **changes: str) -> dict[str, str]:
-    """os.environ without RAY_ADDRESS (a run starts its own Ray) and `remove`, with `changes`."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and k not in remove}
-    env["PYTHONPATH"] = str(PROJECT)
-    env.update(changes)
-    return env
 
 
 def _session_processes(session: int) -> dict[int, tuple[str, int]]:
