@@ -1,134 +1,341 @@
-"""`dogbread label`: label an image store into Parquet with Ray Data.
+"""`dogbread label`: label an image store into Parquet with Ray Data, at any size.
 
-Pipeline: the inputs (a listing, or a manifest so that a huge bucket need not be listed) become an
-Arrow table of paths cut into blocks of `batch_size` rows. A pool of actors (labeler.Labeler) loads
-the model once each; an actor reads and decodes a block's images in threads (Ray's per-row
-operators would cost more than the decoding), labels them and writes the batch itself as a
-Parquet part; only a few count rows per batch flow back to the driver, for the progress line and
-the summary.
+A job is cut into shards once (plan.py): fixed sets of input paths, ~rows_per_file each. Then:
 
-Output, in `output/`:
-- `part-<run>-<hash>.parquet` files with OUTPUT_SCHEMA, one row per input. With `--partition-by
-  label` they sit in Hive folders `label=<URL-quoted label>/`; error rows go to
-  `label=__HIVE_DEFAULT_PARTITION__`, which Hive, Spark and pyarrow read back as a null label. The
-  label column stays in the files too, so every part is complete on its own.
-- `config.yaml` (written first) and `summary.json` (written last). They are not Parquet: read the
-  labels with `read_labels()`, `ray.data.read_parquet` (it keeps only *.parquet files) or
-  `pyarrow.dataset.dataset(out, format="parquet", exclude_invalid_files=True)`.
+    shards to do ─► expand: a shard's paths (less those already kept) in blocks of batch_size
+              ─► Labeler actors: read, decode and label a block, keep it as a batch file
+              ─► the driver counts rows per shard; a shard complete ─► commit (a Ray task):
+                 its data file(s), then its marker (output.py)
+
+Only counts reach the driver. A rerun reads plan.json and the markers, not the rows: a killed run
+is simply started again and redoes only the batches it had in flight, and a complete output
+starts no Ray. Rows whose read failed (network, throttling) are labeled again by a rerun; other
+errors are final. An output holding another model_version is refused rather than mixed. Two runs
+writing into one output at the same time are not supported.
 
 Exactness: every file under the input is an input, except hidden names (a path component starting
 with "."), which are counted as skipped. A file that cannot be read or decoded becomes a row whose
 `error` starts with its reason code ("truncated: ...", "unreadable: ..."); the job goes on.
-
-Resumability: a part is written whole or not at all (locally to a hidden temp name, then renamed;
-on S3 a PUT is atomic), once its batch is labeled. Before starting, the `path` column of the parts
-already in the output (the done-list) is read and those inputs are skipped, so a rerun, after a
-crash or after success, adds no duplicate rows and does not redo finished batches. Parts of earlier
-runs are never changed or deleted; an output holding another model_version is refused rather than
-mixed. Error rows are done too: a rerun does not retry them. Two runs writing into one output at
-the same time are not supported (both would label the remaining inputs).
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
-import uuid
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-from dogbread import data, storage
-from dogbread.config import CONFIG_FILENAME, LabelConfig, dump_config
-from dogbread.errors import ConfigError, DataError, StorageError
-from dogbread.labeler import OUTPUT_SCHEMA, PART_PREFIX, Labeler, by_kind, count_rows
+from dogbread import output, plan, storage, worklist
+from dogbread.config import LabelConfig, dump_config
+from dogbread.errors import ConfigError, StorageError
+from dogbread.labeler import Labeler
+from dogbread.output import Output, by_kind
+from dogbread.plan import Plan
 
 log = logging.getLogger(__name__)
 
-SUMMARY_FILENAME = "summary.json"
+LOCAL = pafs.LocalFileSystem()
 ACTOR_NUM_CPUS = 0.5  # fractional: whole-CPU actors on 2 cores leave no CPU to decode with
 
 
 def run(config: LabelConfig) -> dict[str, Any]:
-    """Label every input into Parquet parts under config.output; print and return the summary.
+    """Label every input into Parquet under config.output; print and return the summary (with
+    --dry-run: plan and count only, print and return what a run would do).
 
-    Config, model, input and output are all checked (raising DogbreadError) before Ray starts.
+    Config, model, input and output are checked (raising DogbreadError) before Ray starts.
     """
     started = time.monotonic()
     _check_config(config)
     model_file, card, model = _check_model(config)
-    inputs, in_fs, skipped = _list_inputs(config)
-    storage.check_writable(config.output, config.s3_endpoint)
-    out_fs, out_root = storage.resolve(config.output, config.s3_endpoint)
-    done = _read_done(out_fs, out_root, config.output, card.model_version)
-    done = done.filter(pc.is_in(done["path"], value_set=inputs))
-    todo = inputs.filter(pc.invert(pc.is_in(inputs, value_set=done["path"])))
-    # Written before the work, so that even a killed run records how it was started.
-    storage.write_text(
-        storage.join(config.output, CONFIG_FILENAME), dump_config(config), config.s3_endpoint
-    )
-    log.info("%d inputs, %d already labeled in %s", len(inputs), done.num_rows, config.output)
-
-    counts = count_rows(done)
-    labeling_started = time.monotonic()
-    if len(todo):  # a finished output is not worth starting Ray for
-        counts.update(_label(config, todo, in_fs, out_fs, out_root, model_file, card, model))
-    labeling_seconds = time.monotonic() - labeling_started
-    summary = {
-        "input": config.input,
-        "output": storage.to_uri(out_fs, out_root),
-        "model_version": card.model_version,
-        "images": len(inputs),  # the output holds exactly one row for each
-        "labeled": len(todo),  # by this run
-        "already_done": done.num_rows,  # by earlier runs into the same output
-        "labels": by_kind(counts, "label"),  # over all `images`, earlier runs included
-        "errors": by_kind(counts, "error"),  # by reason code, likewise
-        "skipped_hidden": skipped["hidden"],
-        "duplicate_paths": skipped["duplicates"],
-        "seconds": round(time.monotonic() - started, 2),
-        "labeling_seconds": round(labeling_seconds, 2),  # Ray start-up included
-        "images_per_second": round(len(todo) / labeling_seconds, 1) if len(todo) else 0.0,
-    }
-    storage.write_text(
-        storage.join(config.output, SUMMARY_FILENAME),
-        json.dumps(summary, indent=2) + "\n",
-        config.s3_endpoint,
-    )
+    work = worklist.resolve(config.input, config.s3_endpoint)
+    if not config.dry_run:
+        storage.check_writable(config.output, config.s3_endpoint)
+    out = Output.at(config.output, config.s3_endpoint)
+    planned = _read_plan(out, config, card.model_version)
+    legacy = [] if planned else output.legacy_parts(out)
+    _check_legacy(out, legacy, card.model_version)
+    if not config.dry_run:  # before the work, so that even a killed run records how it started
+        out.write(output.CONFIG, dump_config(config).encode())
+    markers = output.read_markers(out) if planned else {}
+    needed = planned is None or bool(_todo(planned, markers))
+    with _ray_session(needed) as ray_started:
+        shards = planned or plan.make(
+            work, out, legacy, card.model_version, config.rows_per_file, not config.dry_run
+        )
+        pending = _pending(out, _todo(shards, markers))
+        if config.dry_run:
+            return _print_dry_run(shards, markers, pending, planned is not None, started)
+        labeling_started = time.monotonic()
+        if pending:
+            in_fs = storage.s3_filesystem(config.s3_endpoint) if shards.on_s3 else LOCAL
+            inference = _inference_model(model, config.use_gpu)
+            job = _Job(config, shards, in_fs, out, model_file, card, inference, ray_started)
+            markers |= _label(job, pending, retried={s for s in pending if s in markers})
+        labeling_seconds = time.monotonic() - labeling_started
+    labeled = sum(pending.values())
+    summary = _summary(config, out, shards, markers, labeled, labeling_seconds, started)
+    out.write(output.SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+    if len(markers) == len(shards.shards):  # every input has its row: the output is complete
+        out.write(output.SUCCESS, b"")
     print(json.dumps(summary, indent=2), flush=True)
     if config.report:
-        from dogbread.report import try_write_report  # imports this module
+        from dogbread.report import try_write_report
 
         try_write_report(config.output, config.s3_endpoint)
     return summary
 
 
-def read_labels(output: str, s3_endpoint: str | None = None) -> pa.Table:
-    """Every row a label job wrote into `output` (a convenience for small outputs)."""
-    fs, root = storage.resolve(output, s3_endpoint)
-    return pads.dataset(part_files(fs, root), filesystem=fs, schema=OUTPUT_SCHEMA).to_table()
+def read_labels(output_uri: str, s3_endpoint: str | None = None) -> pa.Table:
+    """Every row a label job wrote into `output_uri` (a convenience for small outputs)."""
+    return output.read_labels(output_uri, s3_endpoint)
 
 
 def _check_config(config: LabelConfig) -> None:
     if not (config.model and config.input and config.output):
         raise ConfigError("model, input and output must not be empty")
-    if config.batch_size < 1 or config.actors < 1:
-        raise ConfigError("batch_size and actors must be at least 1")
-    if config.threshold is not None and not 0.0 <= config.threshold <= 1.0:
-        raise ConfigError(f"threshold must be between 0 and 1, got {config.threshold}")
-    if config.partition_by not in (None, "label"):
-        raise ConfigError(f"partition_by can only be 'label', got {config.partition_by!r}")
-    if not data.is_manifest(config.input) and _inside(config.output, config.input):
-        # Refused rather than filtered: our parts would become inputs of the next run.
+    names_a_file = config.input.lower().endswith((*worklist.MANIFEST_SUFFIXES, ".json"))
+    if not names_a_file and _inside(config.output, config.input):
+        # Refused rather than filtered: our files would become inputs of the next run.
         raise ConfigError(f"output {config.output} is inside input {config.input}")
+
+
+def _read_plan(out: Output, config: LabelConfig, model_version: str) -> Plan | None:
+    try:
+        found = plan.load(out)
+    except (OSError, ValueError, TypeError) as exc:
+        raise StorageError(f"cannot read the plan in {config.output}: {exc}") from None
+    if found and found.model_version != model_version:
+        raise ConfigError(
+            f"{config.output} holds labels of model_version {found.model_version}, not "
+            f"{model_version}: label into another output"
+        )
+    if found and found.input != config.input:
+        raise ConfigError(
+            f"{config.output} was planned for input {found.input}, not {config.input}: "
+            "label into another output"
+        )
+    return found
+
+
+def _check_legacy(out: Output, legacy: list[str], model_version: str) -> None:
+    """Parts of a dogbread before shards hold one model_version (it refused to mix them)."""
+    if not legacy:
+        return
+    try:
+        versions = pq.read_table(legacy[0], filesystem=out.fs, columns=["model_version"])
+    except (OSError, pa.ArrowInvalid) as exc:
+        line = storage.first_line(exc)
+        raise StorageError(f"cannot read the parts already in {out.uri}: {line}") from None
+    others = set(pc.unique(versions["model_version"]).to_pylist()) - {model_version}
+    if others:
+        raise ConfigError(
+            f"{out.uri} holds labels of model_version {', '.join(sorted(others))}, not "
+            f"{model_version}: label into another output"
+        )
+
+
+def _todo(shards: Plan, markers: dict[int, dict]) -> dict[int, int]:
+    """{shard: rows it still needs labeled}: shards never committed, and committed shards with
+    rows whose read failed (labeled again), before subtracting the batches already kept."""
+    todo = {}
+    for shard, counts in shards.shards.items():
+        marker = markers.get(shard)
+        if marker is None:
+            todo[shard] = counts["rows"]
+        elif marker["retry"]:
+            todo[shard] = marker["retry"]
+    return todo
+
+
+def _pending(out: Output, todo: dict[int, int]) -> dict[int, int]:
+    """`todo` less the rows of the batches a killed run kept (read from their names only)."""
+    kept = output.batch_rows(out)
+    return {shard: max(0, rows - kept[shard]) for shard, rows in todo.items()}
+
+
+@contextlib.contextmanager
+def _ray_session(needed: bool) -> Iterator[str | None]:
+    """Ray up for the block when `needed` (a finished output is not worth starting Ray for);
+    yields what ensure_ray says: "local" (a Ray of our own), "joined" or None (up already)."""
+    if not needed:
+        yield None
+        return
+    import ray
+
+    from dogbread.runtime import ensure_ray
+
+    # A Ray started here (not one joined) would prestart a Python worker per CPU that nothing
+    # uses; on a small machine booting them (~1.5 s of CPU each) delays our actors by seconds.
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    started = ensure_ray()
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield started
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _print_dry_run(
+    shards: Plan, markers: dict, pending: dict[int, int], planned: bool, started: float
+) -> dict[str, Any]:
+    to_label = sum(n for s, n in pending.items() if s not in markers)
+    report = {
+        "images": shards.images,
+        "already_done": shards.images - to_label,
+        "to_label": to_label,
+        "retry": sum(n for s, n in pending.items() if s in markers),
+        "shards": len(shards.shards),
+        "shards_done": len(markers),
+        "duplicate_paths": shards.duplicate_paths,
+        "skipped_hidden": shards.skipped_hidden,
+        "planned_before": planned,
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    print(json.dumps(report), flush=True)
+    return report
+
+
+def _summary(
+    config: LabelConfig,
+    out: Output,
+    shards: Plan,
+    markers: dict[int, dict],
+    labeled: int,
+    labeling_seconds: float,
+    started: float,
+) -> dict[str, Any]:
+    """The run's counts, added up from the shards' markers (and the legacy parts' counts)."""
+    counts = shards.legacy_counts()
+    for marker in markers.values():
+        counts.update({f"label\t{k}": n for k, n in marker["labels"].items()})
+        counts.update({f"error\t{k}": n for k, n in marker["errors"].items()})
+    return {
+        "input": config.input,
+        "output": out.uri,
+        "model_version": shards.model_version,
+        "images": shards.images,  # the output holds exactly one row for each, once complete
+        "labeled": labeled,  # by this run, rows whose read failed before included
+        "already_done": shards.images - labeled,  # by earlier runs into the same output
+        "complete": len(markers) == len(shards.shards),
+        "labels": by_kind(counts, "label"),  # over all committed rows, earlier runs included
+        "errors": by_kind(counts, "error"),  # by reason code, likewise
+        "skipped_hidden": shards.skipped_hidden,
+        "duplicate_paths": shards.duplicate_paths,
+        "shards": len(shards.shards),
+        "seconds": round(time.monotonic() - started, 2),
+        "labeling_seconds": round(labeling_seconds, 2),
+        "images_per_second": round(labeled / labeling_seconds, 1) if labeled else 0.0,
+    }
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What the labeling stages need, resolved once."""
+
+    config: LabelConfig
+    shards: Plan
+    in_fs: pafs.FileSystem
+    out: Output
+    model_file: tuple[pafs.FileSystem, str]
+    card: Any
+    inference: Any  # a LiteRTModel, or None: each actor loads the Keras model itself
+    ray_started: str | None  # as ensure_ray said
+
+
+def _label(job: _Job, pending: dict[int, int], retried: set[int]) -> dict[int, dict]:
+    """Label the pending rows of the shards to do (`retried`: committed shards whose failed reads
+    are labeled again) and commit each shard once all its rows are kept; return the new markers."""
+    import ray
+
+    config, out = job.config, job.out
+    if config.use_gpu and not ray.cluster_resources().get("GPU"):
+        if job.ray_started == "local":  # no autoscaler: the actors would wait for a GPU forever
+            raise ConfigError("--gpu needs a GPU, and the local Ray has none: drop --gpu")
+        # Not an error: an autoscaling cluster adds GPU nodes once the actors ask for them.
+        log.warning("no GPU in the Ray cluster yet: the labeling actors wait for one")
+    commit = ray.remote(num_cpus=0.25)(output.commit_shard)
+
+    def commit_shard(shard: int) -> Any:
+        rows = job.shards.shards[shard]["rows"]
+        return commit.remote(out, shard, rows, config.partition_by, job.shards.model_version)
+
+    commits = [commit_shard(s) for s, n in pending.items() if not n]  # kept whole by a killed run
+    shard_items = [{"shard": s} for s, n in pending.items() if n]
+    labeler_args = (job.model_file, job.card.to_json(), job.inference, job.in_fs, config.threshold)
+    ds = ray.data.from_items(shard_items, override_num_blocks=max(1, len(shard_items)))
+    ds = ds.map_batches(
+        _expand_shard,
+        batch_size=1,  # a shard a task: its paths are read once, then go on in blocks
+        batch_format="pyarrow",
+        fn_kwargs={"out": out, "batch_size": config.batch_size, "retried": retried},
+        num_cpus=0.25,
+    ).map_batches(
+        Labeler,
+        # A block is a batch. Ray refuses GPU map_batches without a batch_size; the blocks
+        # already hold that many rows, so it is the same batching.
+        batch_size=config.batch_size if config.use_gpu else None,
+        batch_format="pyarrow",
+        # Two batches in flight per actor: one's decoding and Parquet write overlap the
+        # other's model calls (~7% more images/s here); the model runs one call at a time.
+        # Not on GPUs, where two Keras calls at once would need twice the GPU memory.
+        compute=ray.data.ActorPoolStrategy(
+            size=config.actors,
+            max_concurrent_calls_per_actor=1 if config.use_gpu else 2,
+            enable_true_multi_threading=not config.use_gpu,
+        ),
+        num_cpus=ACTOR_NUM_CPUS,
+        num_gpus=1 if config.use_gpu else 0,
+        fn_constructor_args=(*labeler_args, out),
+    )
+    # This dataset's own copy of the context: Ray's bars would fight with our line.
+    ds.context.enable_progress_bars = ds.context.print_on_execution_start = False
+    remaining, total = dict(pending), sum(pending.values())
+    print(f"labeling {total} images", file=sys.stderr, flush=True)
+    start = shown = time.monotonic()
+    finished, every = 0, 0.5 if sys.stderr.isatty() else 10.0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow") if shard_items else []:
+        for shard, n in zip(batch["shard"].to_pylist(), batch["rows"].to_pylist(), strict=True):
+            remaining[shard] -= n
+            finished += n
+            if remaining[shard] == 0:  # all its rows are kept: commit it, in a task of its own
+                commits.append(commit_shard(shard))
+        if time.monotonic() - shown >= every or finished == total:
+            shown = time.monotonic()
+            _show_progress(finished, total, start)
+    return {marker["shard"]: marker for marker in ray.get(commits)}
+
+
+def _expand_shard(
+    batch: pa.Table, out: Output, batch_size: int, retried: set[int]
+) -> Iterator[pa.Table]:
+    """A shard's paths still to label, in blocks of batch_size: its planned paths (or, for a
+    committed shard, the rows whose read failed) less those in batches already kept."""
+    for shard in batch["shard"].to_pylist():
+        if shard in retried:
+            marker = output.read_marker(out, shard)
+            rows = output.read_shard_rows(out, marker, ["path", "error"])
+            reasons = pc.list_element(pc.split_pattern(rows["error"], ":", max_splits=1), 0)
+            paths = rows.filter(pc.is_in(reasons, value_set=pa.array(list(output.RETRIED_REASONS))))
+            paths = paths["path"].combine_chunks()
+        else:
+            paths = plan.shard_paths(out, shard)
+        kept = output.batch_paths(out, shard)
+        if len(kept):
+            paths = paths.filter(pc.invert(pc.is_in(paths, value_set=kept)))
+        for start in range(0, len(paths), batch_size):
+            chunk = paths.slice(start, batch_size)
+            yield pa.table({"path": chunk, "shard": pa.array([shard] * len(chunk), pa.int32())})
 
 
 def _inside(inner: str, outer: str) -> bool:
@@ -153,150 +360,6 @@ def _check_model(config: LabelConfig) -> tuple[tuple[pafs.FileSystem, str], Any,
     saved = None if config.use_gpu else load_litert(config.model, config.s3_endpoint)
     model, card = saved or load_model(config.model, config.s3_endpoint)
     return model_file, card, model
-
-
-def _list_inputs(config: LabelConfig) -> tuple[pa.Array, pafs.FileSystem, Counter[str]]:
-    """(unique input URIs, the filesystem to read them with, counts of what was skipped)."""
-    skipped: Counter[str] = Counter()
-    if data.is_manifest(config.input):
-        paths = _read_manifest(config.input, config.s3_endpoint)
-        on_s3 = pc.sum(pc.starts_with(paths, "s3://")).as_py() or 0
-        if on_s3 not in (0, len(paths)):
-            raise DataError(f"manifest {config.input} mixes s3:// and local paths")
-        fs = storage.s3_filesystem(config.s3_endpoint) if on_s3 else pafs.LocalFileSystem()
-    else:
-        fs, root, files = data.list_files(config.input, config.s3_endpoint)
-        visible = [p for p in files if not _hidden(p[len(root) :])]
-        skipped["hidden"] = len(files) - len(visible)
-        paths = pa.array([storage.to_uri(fs, p) for p in visible], pa.string())
-    unique = pc.unique(paths)  # in first-seen order
-    skipped["duplicates"] = len(paths) - len(unique)
-    if len(unique) == 0:
-        raise DataError(f"no files to label in {config.input}")
-    return unique, fs, skipped
-
-
-def _read_manifest(uri: str, s3_endpoint: str | None) -> pa.Array:
-    """Paths from a `path` column, or s3://bucket/key from S3 Inventory-like columns."""
-    table = data.read_table_file(uri, ("path", "bucket", "key"), s3_endpoint)
-    if "path" in table.column_names:
-        paths = table["path"].cast(pa.string())
-    elif {"bucket", "key"} <= set(table.column_names):
-        bucket, key = table["bucket"].cast(pa.string()), table["key"].cast(pa.string())
-        paths = pc.binary_join_element_wise("s3://", bucket, "/", key, "")  # "": no separator
-    else:
-        raise DataError(f"manifest {uri} needs a `path` column, or `bucket` and `key` columns")
-    if paths.null_count or pc.any(pc.equal(paths, "")).as_py():
-        raise DataError(f"manifest {uri} has rows without a path")
-    if pc.all(pc.starts_with(paths, "s3://")).as_py():
-        return paths.combine_chunks()  # kept in Arrow: an inventory may list millions of keys
-    # Relative local paths are relative to the working directory, as on the command line.
-    return pa.array([p if p.startswith("s3://") else os.path.abspath(p) for p in paths.to_pylist()])
-
-
-def _hidden(relpath: str) -> bool:
-    return any(part.startswith(".") for part in relpath.split("/"))
-
-
-def part_files(fs: pafs.FileSystem, root: str) -> list[str]:
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    return sorted(
-        i.path
-        for i in infos
-        if i.type == pafs.FileType.File
-        and i.base_name.startswith(PART_PREFIX)
-        and i.base_name.endswith(".parquet")
-        and not _hidden(i.path[len(root) :])
-    )
-
-
-def _read_done(fs: pafs.FileSystem, root: str, output: str, model_version: str) -> pa.Table:
-    """path, label, error and model_version of every row already committed under `root`."""
-    try:
-        dataset = pads.dataset(part_files(fs, root), filesystem=fs, schema=OUTPUT_SCHEMA)
-        done = dataset.to_table(columns=["path", "label", "error", "model_version"])
-    except (OSError, pa.ArrowInvalid) as exc:
-        line = storage.first_line(exc)
-        raise StorageError(f"cannot read the parts already in {output}: {line}") from None
-    others = set(pc.unique(done["model_version"]).to_pylist()) - {model_version}
-    if others:
-        raise ConfigError(
-            f"{output} holds labels of model_version {', '.join(sorted(others))}, not "
-            f"{model_version}: label into another output"
-        )
-    return done
-
-
-def _label(
-    config: LabelConfig,
-    todo: pa.Array,
-    in_fs: pafs.FileSystem,
-    out_fs: pafs.FileSystem,
-    out_root: str,
-    model_file: tuple[pafs.FileSystem, str],
-    card: Any,
-    model: Any,
-) -> Counter[str]:
-    """Run the Ray Data pipeline over `todo`; the counts of the rows it committed."""
-    import ray
-
-    from dogbread.runtime import ensure_ray
-
-    # A Ray started here (not one joined) would prestart a Python worker per CPU that nothing
-    # uses; on a small machine booting them (~1.5 s of CPU each) delays our actor by seconds.
-    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
-    with ThreadPoolExecutor(1) as pool:
-        # Converting the model for LiteRT and starting Ray take seconds each: they overlap.
-        converting = pool.submit(_inference_model, model, config.use_gpu)
-        started_ray = ensure_ray()
-        inference = converting.result()
-    run_id = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-    size, finished, start = config.batch_size, 0, time.monotonic()
-    counts: Counter[str] = Counter()
-    try:
-        if config.use_gpu and not ray.cluster_resources().get("GPU"):
-            if started_ray == "local":  # no autoscaler: the actors would wait for a GPU forever
-                raise ConfigError("--gpu needs a GPU, and the local Ray has none: drop --gpu")
-            # Not an error: an autoscaling cluster adds GPU nodes once the actors ask for them.
-            log.warning("no GPU in the Ray cluster yet: the labeling actors wait for one")
-        # One block per batch, so Ray's per-block costs are paid once per batch. from_blocks
-        # (a DeveloperAPI; Ray is pinned) takes the blocks' metadata from the driver, where
-        # from_arrow runs a Ray task per block for it: ~1.5 s of start-up on 2 CPUs.
-        blocks = [pa.table({"path": todo.slice(i, size)}) for i in range(0, len(todo), size)]
-        labeler_args = (model_file, card.to_json(), inference, in_fs, config.threshold)
-        ds = ray.data.from_blocks(blocks).map_batches(
-            Labeler,
-            # A block is a batch. Ray refuses GPU map_batches without a batch_size; the blocks
-            # already hold that many rows, so it is the same batching.
-            batch_size=size if config.use_gpu else None,
-            batch_format="pyarrow",
-            # Two batches in flight per actor: one's decoding and Parquet write overlap the
-            # other's model calls (~7% more images/s here); the model runs one call at a time.
-            # Not on GPUs, where two Keras calls at once would need twice the GPU memory.
-            compute=ray.data.ActorPoolStrategy(
-                size=config.actors,
-                max_concurrent_calls_per_actor=1 if config.use_gpu else 2,
-                enable_true_multi_threading=not config.use_gpu,
-            ),
-            num_cpus=ACTOR_NUM_CPUS,
-            num_gpus=1 if config.use_gpu else 0,
-            fn_constructor_args=(*labeler_args, out_fs, out_root, config.partition_by, run_id),
-        )
-        # This dataset's own copy of the context: Ray's bars would fight with our line.
-        ds.context.enable_progress_bars = ds.context.print_on_execution_start = False
-        print(f"labeling {len(todo)} images", file=sys.stderr, flush=True)
-        shown, every = start, 0.5 if sys.stderr.isatty() else 10.0
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for key, n in zip(batch["key"].to_pylist(), batch["count"].to_pylist(), strict=True):
-                counts[key] += n
-                finished += n
-            if time.monotonic() - shown >= every or finished == len(todo):
-                shown = time.monotonic()
-                _show_progress(finished, len(todo), start)
-    finally:
-        if started_ray:
-            ray.shutdown()
-    return counts
 
 
 def _show_progress(done: int, total: int, start: float) -> None:

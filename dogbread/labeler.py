@@ -1,48 +1,32 @@
-"""The labeling actor: reads, decodes and labels a batch of paths, and commits it as Parquet.
+"""The labeling actor: reads, decodes and labels a batch of paths, and keeps it as a batch file.
 
-`dogbread label` (label.py) runs a pool of these actors over its blocks of paths; this module also
-holds what the output looks like (OUTPUT_SCHEMA, the part names) and how its rows are counted.
+`dogbread label` (label.py) runs a pool of these actors over blocks of paths, each tagged with its
+shard; output.py commits a shard once all its batches are kept.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
 import tempfile
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from dogbread import storage
 from dogbread.images import DEFAULT_MAX_BYTES, ImageDecodeError, decode_image
+from dogbread.output import OUTPUT_SCHEMA, Output, write_batch
 
-OUTPUT_SCHEMA = pa.schema(
-    [
-        ("path", pa.string()),
-        ("label", pa.string()),  # null on error; "uncertain" below --threshold
-        ("score", pa.float32()),  # probability of the most probable class
-        ("probabilities", pa.list_(pa.float32())),  # in the model card's class order
-        ("model_version", pa.string()),
-        ("error", pa.string()),  # "<reason>: <detail>", null on success
-        ("labeled_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
-ERROR_PARTITION = "__HIVE_DEFAULT_PARTITION__"
-PART_PREFIX = "part-"
 INFERENCE_CHUNK = 32  # images per model call: decoding the next chunk overlaps this one
 S3_READ_THREADS = 16  # object reads wait on the network: a batch's reads overlap
 
 
 class Labeler:
-    """Reads, decodes and labels a batch of paths, and commits it as Parquet part(s).
+    """Reads, decodes and labels a batch of paths, and keeps it as one batch file per shard.
 
     Decoding runs here, in threads, rather than in Ray tasks of its own: pixels never go through
     the object store (memory stays flat whatever the number of images, and no CPU is spent
@@ -58,10 +42,7 @@ class Labeler:
         inference: Any,
         in_fs: pafs.FileSystem,
         threshold: float | None,
-        fs: pafs.FileSystem,
-        root: str,
-        partition_by: str | None,
-        run_id: str,
+        out: Output,
     ) -> None:
         from dogbread.model import ModelCard
 
@@ -75,8 +56,7 @@ class Labeler:
         self.pool = ThreadPoolExecutor(
             S3_READ_THREADS if isinstance(in_fs, pafs.S3FileSystem) else threads
         )
-        self.in_fs, self.threshold, self.fs, self.root = in_fs, threshold, fs, root
-        self.partition_by, self.run_id = partition_by, run_id
+        self.in_fs, self.threshold, self.out = in_fs, threshold, out
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         from dogbread.model import label_predictions, predict_probabilities
@@ -109,54 +89,14 @@ class Labeler:
             [pa.array(c, f.type) for c, f in zip(columns, OUTPUT_SCHEMA, strict=True)],
             schema=OUTPUT_SCHEMA,
         )
-        _commit(table, self.fs, self.root, self.partition_by, self.run_id)
-        counts = count_rows(table)
-        return {"key": np.array(list(counts), object), "count": np.array(list(counts.values()))}
-
-
-def _commit(
-    table: pa.Table, fs: pafs.FileSystem, root: str, partition_by: str | None, run_id: str
-) -> None:
-    groups = [(root, table)]
-    if partition_by == "label":
-        labels = table["label"].fill_null(ERROR_PARTITION)  # class names never take this name
-        groups = [
-            (f"{root}/label={quote(value, safe='')}", table.filter(pc.equal(labels, value)))
-            for value in pc.unique(labels).to_pylist()
-        ]
-    for folder, rows in groups:
-        # Named after the run and the rows: a batch that Ray retries after its actor died
-        # overwrites its own part instead of adding a second copy of the rows.
-        digest = hashlib.sha1("\n".join(rows["path"].to_pylist()).encode()).hexdigest()[:16]
-        _write_atomic(fs, folder, f"{PART_PREFIX}{run_id}-{digest}.parquet", rows)
-
-
-def _write_atomic(fs: pafs.FileSystem, folder: str, name: str, table: pa.Table) -> None:
-    if isinstance(fs, pafs.S3FileSystem):  # readers see a PUT whole or not at all
-        pq.write_table(table, f"{folder}/{name}", filesystem=fs)
-        return
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.tmp")  # hidden: never taken for a part
-    with open(tmp, "wb") as out:
-        pq.write_table(table, out)
-        out.flush()
-        os.fsync(out.fileno())  # or a machine crash could leave a renamed but empty part
-    os.replace(tmp, os.path.join(folder, name))
-
-
-def count_rows(table: pa.Table) -> Counter[str]:
-    """{"label\\t<label>" or "error\\t<reason>": rows}."""
-    reasons = pc.list_element(pc.split_pattern(table["error"], ":", max_splits=1), 0)
-    counts: Counter[str] = Counter()
-    for kind, column in (("label", table["label"]), ("error", reasons)):
-        for item in pc.value_counts(column.drop_null()).to_pylist():
-            counts[f"{kind}\t{item['values']}"] += item["counts"]
-    return counts
-
-
-def by_kind(counts: Counter[str], kind: str) -> dict[str, int]:
-    """count_rows' counts of one kind ("label" or "error"), by label or reason code."""
-    return {k.split("\t", 1)[1]: n for k, n in sorted(counts.items()) if k.startswith(kind + "\t")}
+        shards = batch["shard"].combine_chunks()
+        counts = pc.value_counts(shards)  # a block may hold the end of one shard, then another
+        for shard in counts.field("values").to_pylist():
+            write_batch(self.out, shard, table.filter(pc.equal(shards, shard)))
+        return {
+            "shard": counts.field("values").to_numpy(),
+            "rows": counts.field("counts").to_numpy(),
+        }
 
 
 def _load_model_file(model_file: tuple[pafs.FileSystem, str], card_json: str) -> tuple[Any, Any]:

@@ -31,14 +31,16 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
-from dogbread import label, labeler, storage  # labeling's own listing, counting and reading
+from dogbread import output, storage
 from dogbread.config import CONFIG_FILENAME
 from dogbread.errors import DataError
 from dogbread.images import ImageDecodeError, decode_image
+from dogbread.labeler import read_file
 
 log = logging.getLogger(__name__)
 
-REPORT_FILENAME = "report.html"
+REPORT_FILENAME = "report.html"  # a training run's; a label output's starts with "_"
+SAMPLE_FILES, SAMPLE_ROWS = 16, 200_000  # a label output's histograms and grids read no more
 CARD_FILENAME, METRICS_FILENAME = "model_card.json", "metrics.json"  # as dogbread.model writes
 THUMB = 96  # pixels, square
 GRID = 12  # thumbnails per grid
@@ -66,11 +68,9 @@ pre { background: #f6f6f6; padding: 8px; overflow-x: auto; } .note { color: #777
 def write_report(target: str, s3_endpoint: str | None = None) -> str:
     """Write report.html into `target`, a label output or a training run dir; return its URI."""
     names = (CARD_FILENAME, METRICS_FILENAME)
-    if all(storage.exists(storage.join(target, n), s3_endpoint) for n in names):
-        page = _training_page(target, s3_endpoint)
-    else:
-        page = _label_page(target, s3_endpoint)
-    uri = storage.join(target, REPORT_FILENAME)
+    is_label = not all(storage.exists(storage.join(target, n), s3_endpoint) for n in names)
+    page = _label_page(target, s3_endpoint) if is_label else _training_page(target, s3_endpoint)
+    uri = storage.join(target, output.REPORT if is_label else REPORT_FILENAME)
     storage.write_text(uri, page, s3_endpoint)
     return uri
 
@@ -87,30 +87,32 @@ def try_write_report(target: str, s3_endpoint: str | None = None) -> None:
 # --- label outputs -----------------------------------------------------------------------------
 
 
-def _label_page(output: str, endpoint: str | None) -> str:
-    fs, root = storage.resolve(output, endpoint)
-    parts = label.part_files(fs, root)
+def _label_page(uri: str, endpoint: str | None) -> str:
+    out = output.Output.at(uri, endpoint)
+    parts = output.data_files(out)
     if not parts:
-        card = _read(storage.join(output, CARD_FILENAME), endpoint) or {}
+        card = _read(storage.join(uri, CARD_FILENAME), endpoint) or {}
         if card.get("members"):  # `dogbread ensemble` writes a model dir without training curves
             raise DataError(
-                f"{output} is an ensemble of {len(card['members'])} runs, with no curves of its "
+                f"{uri} is an ensemble of {len(card['members'])} runs, with no curves of its "
                 "own: report its members' run dirs; `dogbread evaluate` gives its metrics"
             )
-        raise DataError(f"{output} holds neither label parts nor a training run")
-    dataset = pads.dataset(parts, filesystem=fs, schema=labeler.OUTPUT_SCHEMA)
-    scanner = dataset.scanner(columns=["label", "score", "error"])
-    batches, origins, seen = [], [], Counter()
-    for tagged in scanner.scan_batches():  # in order, each batch with the part it came from
-        part, batch = tagged.fragment, tagged.record_batch
-        origins.append((part, seen[part.path]))  # and its first row's index in that part
-        seen[part.path] += batch.num_rows
-        batches.append(batch)
-    table = pa.Table.from_batches(batches, scanner.projected_schema)
-    starts = np.cumsum([0] + [b.num_rows for b in batches])  # each batch's first table row
-    counts = labeler.count_rows(table)  # counted as summary.json counts
-    labels, errors = labeler.by_kind(counts, "label"), labeler.by_kind(counts, "error")
-    config = _read(storage.join(output, CONFIG_FILENAME), endpoint, yaml.safe_load) or {}
+        raise DataError(f"{uri} holds neither label parts nor a training run")
+    table, origins, starts = _sample_rows(parts, out)
+    summary = out.read_json(output.SUMMARY)
+    # Counted by the run (or, unfinished, by its committed shards), else in the rows read.
+    markers = {} if summary else output.read_markers(out)
+    if summary:
+        labels, errors = summary["labels"], summary["errors"]
+    elif markers:
+        markers = markers.values()
+        labels = dict(sum((Counter(m["labels"]) for m in markers), Counter()))
+        errors = dict(sum((Counter(m["errors"]) for m in markers), Counter()))
+    else:
+        counts = output.count_rows(table)
+        labels, errors = output.by_kind(counts, "label"), output.by_kind(counts, "error")
+    config = _read(storage.join(uri, output.CONFIG), endpoint, yaml.safe_load) or {}
+    output_name = uri
 
     rng = np.random.default_rng(0)  # the same sample every time the report is written
     least = pc.select_k_unstable(table, GRID, [("score", "ascending")]).to_numpy()
@@ -132,16 +134,16 @@ def _label_page(output: str, endpoint: str | None) -> str:
         caption = "" if row["score"] is None else f"{row['label']} {row['score']:.3f}"
         tiles[i] = _tile(row["path"], row["error"] or next(thumbnails), caption)
 
-    summary = _read(storage.join(output, label.SUMMARY_FILENAME), endpoint)
-    run = _note("no summary.json: the run has not finished") + _kv(config)
+    run = _note("no _summary.json: the run has not finished") + _kv(config)
     if summary:  # its counts are in the tables above
         run = _kv({k: v for k, v in summary.items() if k not in ("labels", "errors")})
-    total = len(table)
+    total = sum(labels.values()) + sum(errors.values())
     shares = [(name, n, f"{n / total:.1%}") for name, n in labels.items()]
+    sampled = "" if len(table) == total else f" (scores and images: a sample of {len(table)} rows)"
     sections = [
         _section(
             "Counts",
-            f"<p>{total} images in {len(parts)} Parquet parts</p>"
+            f"<p>{total} images in {len(parts)} Parquet files{sampled}</p>"
             + _table(["label", "images", "share"], shares, "label-counts")
             + _table(["error reason", "files"], errors.items(), "error-counts"),
         ),
@@ -150,7 +152,29 @@ def _label_page(output: str, endpoint: str | None) -> str:
         _section("Model card", _model_card(config.get("model"), endpoint)),
         _section("Run", run),
     ]
-    return _page(f"dogbread labels: {output}", sections)
+    return _page(f"dogbread labels: {output_name}", sections)
+
+
+def _sample_rows(parts: list[str], out: output.Output) -> tuple[pa.Table, list, np.ndarray]:
+    """(label, score and error of up to SAMPLE_ROWS rows from up to SAMPLE_FILES files spread over
+    the output, each batch's (fragment, first row in it), each batch's first row in the table).
+
+    A shard holds the paths of one hash bucket, so a few shards are a fair sample of them all."""
+    step = max(1, len(parts) // SAMPLE_FILES)
+    picked = parts[::step][:SAMPLE_FILES]
+    per_file = SAMPLE_ROWS // len(picked)
+    dataset = pads.dataset(picked, filesystem=out.fs, schema=output.OUTPUT_SCHEMA)
+    scanner = dataset.scanner(columns=["label", "score", "error"])
+    batches, origins, seen = [], [], Counter()
+    for tagged in scanner.scan_batches():  # in order, each batch with the file it came from
+        part, batch = tagged.fragment, tagged.record_batch
+        batch = batch.slice(0, max(0, per_file - seen[part.path]))
+        if batch.num_rows:
+            origins.append((part, seen[part.path]))  # and its first row's index in that file
+            seen[part.path] += batch.num_rows
+            batches.append(batch)
+    table = pa.Table.from_batches(batches, scanner.projected_schema)
+    return table, origins, np.cumsum([0] + [b.num_rows for b in batches])
 
 
 def _sample(rng: np.random.Generator, rows: np.ndarray) -> np.ndarray:
@@ -300,7 +324,7 @@ def _decode_all(paths: list[str], size: int, endpoint: str | None) -> list[np.nd
     local = pafs.LocalFileSystem()
 
     def one(uri: str) -> np.ndarray | str:
-        content = labeler.read_file(s3 if storage.is_s3(uri) else local, uri)  # as labeling does
+        content = read_file(s3 if storage.is_s3(uri) else local, uri)  # as labeling does
         try:
             return content if isinstance(content, str) else decode_image(content, size)
         except ImageDecodeError as exc:

@@ -1,0 +1,287 @@
+"""A label output folder: its layout, how a shard is committed, and how it is read back.
+
+    OUTPUT/part-00042.parquet              a shard's rows (with --partition-by label:
+    OUTPUT/label=dog/part-00042.parquet    one file per label in Hive folders)
+    OUTPUT/_config.yaml  _summary.json  _report.html  _SUCCESS (written last, on a complete run)
+    OUTPUT/_dogbread/plan.json             the shards, written once by the first run (plan.py)
+    OUTPUT/_dogbread/plan/shard-00042.parquet    a shard's input paths, sorted
+    OUTPUT/_dogbread/batches/shard-00042/  labeled batches of a shard not yet committed
+    OUTPUT/_dogbread/shards/shard-00042.json     a committed shard's marker: its counts
+
+Everything that is not data starts with `_`, so pandas, pyarrow, DuckDB, Spark and Athena open
+the folder as it is. A shard is committed by `commit_shard`: its batches (and, when rows are
+retried, its earlier rows) become its data files, then its marker is written, then the batches
+are deleted. Each step can be repeated after a crash and gives the same files, so a path never
+has two rows once a shard is committed, and never in two committed shards.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import posixpath
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from dogbread import storage
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("label", pa.string()),  # null on error; "uncertain" below --threshold
+        ("score", pa.float32()),  # probability of the most probable class
+        ("probabilities", pa.list_(pa.float32())),  # in the model card's class order
+        ("model_version", pa.string()),
+        ("error", pa.string()),  # "<reason>: <detail>", null on success
+        ("labeled_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+ERROR_PARTITION = "__HIVE_DEFAULT_PARTITION__"  # Hive's (and Spark's) folder for a null value
+META, CONFIG, SUMMARY, REPORT, SUCCESS = (
+    "_dogbread",
+    "_config.yaml",
+    "_summary.json",
+    "_report.html",
+    "_SUCCESS",
+)
+# A read that failed (network, throttling, a file gone for a moment) may work next time: a rerun
+# labels these rows again. Every other reason (not_an_image, truncated, too_large...) is final.
+RETRIED_REASONS = frozenset({"unreadable"})
+ROW_GROUP_ROWS = 131_072  # ~4 MiB: engines read row groups in parallel and skip them by stats
+
+
+@dataclass(frozen=True)
+class Output:
+    """A label output location, resolved once: its filesystem, its path there and its URI."""
+
+    fs: pafs.FileSystem
+    root: str
+    uri: str
+
+    @classmethod
+    def at(cls, uri: str, s3_endpoint: str | None = None) -> Output:
+        fs, root = storage.resolve(uri, s3_endpoint)
+        return cls(fs, root, storage.to_uri(fs, root))
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def read_json(self, *parts: str) -> Any:
+        try:
+            return json.loads(storage.read_bytes(self.fs, self.path(*parts)))
+        except FileNotFoundError:
+            return None
+
+    def write(self, relpath: str, data: bytes) -> None:
+        write_atomic(self.fs, self.path(relpath), data)
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}"
+
+
+def data_file_name(shard: int) -> str:
+    return f"part-{shard:05d}.parquet"
+
+
+def write_atomic(fs: pafs.FileSystem, path: str, data: bytes | pa.Table) -> None:
+    """Write a whole file or nothing: an S3 PUT is atomic; locally a hidden temp file is renamed."""
+    target = path
+    if not isinstance(fs, pafs.S3FileSystem):
+        os.makedirs(posixpath.dirname(path), exist_ok=True)
+        target = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp")
+    with fs.open_output_stream(target) as out:
+        if isinstance(data, pa.Table):
+            pq.write_table(data, out, row_group_size=ROW_GROUP_ROWS)
+        else:
+            out.write(data)
+    if target != path:
+        with open(target, "rb+") as f:
+            os.fsync(f.fileno())  # or a machine crash could leave a renamed but empty file
+        os.replace(target, path)
+
+
+# --- batches: labeled, not yet committed --------------------------------------------------------
+
+
+def write_batch(out: Output, shard: int, table: pa.Table) -> None:
+    """Keep a labeled batch of one shard until the shard is committed.
+
+    Named after its rows: a batch that Ray retries after its actor died replaces its own file.
+    """
+    digest = hashlib.sha1("\n".join(table["path"].to_pylist()).encode()).hexdigest()[:16]
+    name = f"batch-{digest}-n{table.num_rows}.parquet"
+    write_atomic(out.fs, out.path(META, "batches", shard_name(shard), name), table)
+
+
+def batch_rows(out: Output) -> Counter[int]:
+    """Rows in the batches kept for each shard, from the file names alone."""
+    selector = pafs.FileSelector(out.path(META, "batches"), recursive=True, allow_not_found=True)
+    rows: Counter[int] = Counter()
+    for info in out.fs.get_file_info(selector):
+        found = re.fullmatch(r"batch-[0-9a-f]{16}-n(\d+)\.parquet", info.base_name)
+        if info.type == pafs.FileType.File and found:
+            rows[int(posixpath.basename(posixpath.dirname(info.path))[6:])] += int(found[1])
+    return rows
+
+
+def batch_paths(out: Output, shard: int) -> pa.Array:
+    """The paths of a shard's kept batches."""
+    return _read_files(out, _batch_files(out, shard), ["path"])["path"].combine_chunks()
+
+
+def _batch_files(out: Output, shard: int) -> list[str]:
+    folder = out.path(META, "batches", shard_name(shard))
+    infos = out.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    return sorted(i.path for i in infos if i.base_name.startswith("batch-"))
+
+
+def _read_files(out: Output, files: list[str], columns: list[str] | None = None) -> pa.Table:
+    if not files:
+        return OUTPUT_SCHEMA.empty_table().select(columns or OUTPUT_SCHEMA.names)
+    dataset = pads.dataset(files, filesystem=out.fs, schema=OUTPUT_SCHEMA)
+    return dataset.to_table(columns=columns)
+
+
+# --- committing a shard -------------------------------------------------------------------------
+
+
+def commit_shard(
+    out: Output, shard: int, images: int, partition_by: str | None, model_version: str
+) -> dict[str, Any]:
+    """Turn a shard's batches (and its earlier rows, where some are retried) into its data files
+    and marker; return the marker. Raises RuntimeError if the shard does not have `images` rows."""
+    marker = read_marker(out, shard) or {}
+    earlier = [out.path(f) for f in marker.get("files", {})]
+    batches = _batch_files(out, shard)
+    rows = _latest_per_path(
+        pa.concat_tables([_read_files(out, earlier), _read_files(out, batches)])
+    )
+    if rows.num_rows != images:
+        raise RuntimeError(f"shard {shard} has {rows.num_rows} rows for {images} inputs")
+    groups = _groups(rows, partition_by)
+    name = data_file_name(shard)
+    files = {posixpath.join(folder, name) if folder else name: t for folder, t in groups.items()}
+    old = marker.get("files", {})
+    # Files that lose rows go first: a crash in between leaves a row missing (and the shard
+    # uncommitted, so the next run commits it again), never a row in two files.
+    for relpath in old.keys() - files.keys():
+        out.fs.delete_file(out.path(relpath))
+    for relpath in sorted(files, key=lambda f: files[f].num_rows - old.get(f, 0)):
+        write_atomic(out.fs, out.path(relpath), files[relpath])
+    counts = count_rows(rows)
+    marker = {
+        "shard": shard,
+        "rows": rows.num_rows,
+        "labels": by_kind(counts, "label"),
+        "errors": by_kind(counts, "error"),
+        "retry": sum(
+            n for reason, n in by_kind(counts, "error").items() if reason in RETRIED_REASONS
+        ),
+        "files": {relpath: table.num_rows for relpath, table in files.items()},
+        "model_version": model_version,
+        "committed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    out.write(
+        posixpath.join(META, "shards", shard_name(shard) + ".json"), json.dumps(marker).encode()
+    )
+    if batches:  # our own files, no longer needed
+        out.fs.delete_dir(out.path(META, "batches", shard_name(shard)))
+    return marker
+
+
+def _latest_per_path(rows: pa.Table) -> pa.Table:
+    """One row per path, the most recently labeled one, sorted by path."""
+    rows = rows.sort_by([("path", "ascending"), ("labeled_at", "descending")])
+    paths = rows["path"].combine_chunks()
+    if len(paths) < 2:
+        return rows
+    first = np.ones(len(paths), bool)
+    first[1:] = pc.not_equal(paths[1:], paths[:-1]).to_numpy(zero_copy_only=False)
+    return rows.filter(pa.array(first))
+
+
+def _groups(rows: pa.Table, partition_by: str | None) -> dict[str, pa.Table]:
+    """{folder relative to the output ("" for its root): rows} for the shard's data files."""
+    if partition_by != "label":
+        return {"": rows}
+    labels = rows["label"].fill_null(ERROR_PARTITION)  # class names never take this name
+    return {
+        f"label={quote(value, safe='')}": rows.filter(pc.equal(labels, value))
+        for value in sorted(pc.unique(labels).to_pylist())
+    }
+
+
+def read_shard_rows(out: Output, marker: dict[str, Any], columns: list[str]) -> pa.Table:
+    """The rows of a committed shard's data files."""
+    return _read_files(out, [out.path(f) for f in marker["files"]], columns)
+
+
+def read_marker(out: Output, shard: int) -> dict[str, Any] | None:
+    return out.read_json(META, "shards", shard_name(shard) + ".json")
+
+
+def read_markers(out: Output) -> dict[int, dict[str, Any]]:
+    """Every committed shard's marker, read in threads (hundreds of small files)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    selector = pafs.FileSelector(out.path(META, "shards"), allow_not_found=True)
+    names = [i.base_name for i in out.fs.get_file_info(selector)]
+    shards = [int(n[6:11]) for n in names if re.fullmatch(r"shard-\d{5}\.json", n)]
+    with ThreadPoolExecutor(16) as pool:
+        return dict(zip(shards, pool.map(lambda s: read_marker(out, s), shards), strict=True))
+
+
+# --- counting and reading back ------------------------------------------------------------------
+
+
+def count_rows(table: pa.Table) -> Counter[str]:
+    """{"label\\t<label>" or "error\\t<reason>": rows}."""
+    reasons = pc.list_element(pc.split_pattern(table["error"], ":", max_splits=1), 0)
+    counts: Counter[str] = Counter()
+    for kind, column in (("label", table["label"]), ("error", reasons)):
+        for item in pc.value_counts(column.drop_null()).to_pylist():
+            counts[f"{kind}\t{item['values']}"] += item["counts"]
+    return counts
+
+
+def by_kind(counts: Counter[str], kind: str) -> dict[str, int]:
+    """count_rows' counts of one kind ("label" or "error"), by label or reason code."""
+    return {k.split("\t", 1)[1]: n for k, n in sorted(counts.items()) if k.startswith(kind + "\t")}
+
+
+def data_files(out: Output) -> list[str]:
+    """Every Parquet data file of the output (not under `_` or `.` names), sorted."""
+    selector = pafs.FileSelector(out.root, recursive=True, allow_not_found=True)
+    return sorted(
+        i.path
+        for i in out.fs.get_file_info(selector)
+        if i.type == pafs.FileType.File
+        and i.base_name.endswith(".parquet")
+        and not any(p.startswith(("_", ".")) for p in i.path[len(out.root) :].split("/"))
+    )
+
+
+def legacy_parts(out: Output) -> list[str]:
+    """Parts written by dogbread before shards (one per batch), which a run still resumes from.
+
+    Called only where no plan exists: a planned output's data files come after its plan."""
+    return [f for f in data_files(out) if posixpath.basename(f).startswith("part-")]
+
+
+def read_labels(output: str, s3_endpoint: str | None = None) -> pa.Table:
+    """Every row a label job wrote into `output` (a convenience for small outputs)."""
+    out = Output.at(output, s3_endpoint)
+    return _read_files(out, data_files(out))

@@ -1,0 +1,228 @@
+"""Cutting a label job's work list into shards, once, with Ray Data.
+
+A shard is the unit of commit and of resume. The first run of an output plans it: every input
+path is hashed into one of N shards (N = inputs / rows_per_file), a hash shuffle (Ray Data's
+groupby) brings each shard's paths together on one worker, which drops duplicate paths (a path's
+copies all hash to the same shard, so no process needs the whole list), sorts the rest and writes
+them as `_dogbread/plan/shard-NNNNN.parquet`. `_dogbread/plan.json`, written last, lists the
+shards with their counts; every later run reads it instead of the work list, so a rerun of a job
+of 50 million inputs reads one small file and the shards' markers.
+
+Parts written by dogbread before shards existed (one per batch, "legacy") join the shuffle, so
+that their paths are done already and not labeled twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dogbread.errors import DataError, DogbreadError
+from dogbread.output import META, OUTPUT_SCHEMA, Output, count_rows, shard_name, write_atomic
+from dogbread.worklist import WorkList
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.json"
+PLAN_ROW = pa.schema(
+    [
+        ("path", pa.string()),
+        ("hidden", pa.bool_()),
+        ("legacy", pa.bool_()),  # a row of a legacy part, not an input
+        ("label", pa.string()),  # legacy rows': counted into the summary
+        ("error", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The shards of a label output. `shards` maps a shard id to its counts: `images` (distinct
+    inputs in it), `rows` (those this output's shard files hold: the rest are in legacy parts)
+    and `legacy` (count_rows of the legacy rows, by "label\\t..." and "error\\t...")."""
+
+    input: str
+    model_version: str
+    on_s3: bool  # the inputs are s3:// keys (else local paths)
+    images: int
+    duplicate_paths: int
+    skipped_hidden: int
+    shards: dict[int, dict[str, Any]]
+
+    def to_json(self) -> str:
+        values = {**self.__dict__, "shards": {str(k): v for k, v in self.shards.items()}}
+        return json.dumps(values, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        values = json.loads(text)
+        values["shards"] = {int(k): v for k, v in values["shards"].items()}
+        return cls(**values)
+
+    def legacy_counts(self) -> Counter[str]:
+        return sum((Counter(s["legacy"]) for s in self.shards.values()), Counter())
+
+
+def load(out: Output) -> Plan | None:
+    found = out.read_json(META, PLAN_FILE)
+    return None if found is None else Plan.from_json(json.dumps(found))
+
+
+def make(
+    work: WorkList,
+    out: Output,
+    legacy: list[str],
+    model_version: str,
+    rows_per_file: int,
+    write: bool,
+) -> Plan:
+    """Plan the shards (Ray must be up); write them and plan.json into `out` if `write`."""
+    started = time.monotonic()
+    try:
+        records = _plan_shards(work, out, legacy, rows_per_file, write)
+    except Exception as exc:  # a DogbreadError in a task reaches here wrapped by Ray
+        raise (_ours(exc) or exc) from None
+    log.info("planned %d shards in %.1f s", len(records), time.monotonic() - started)
+    plan = _summed(records, work, model_version)
+    if write:
+        out.write(f"{META}/{PLAN_FILE}", plan.to_json().encode())
+    return plan
+
+
+def _plan_shards(
+    work: WorkList, out: Output, legacy: list[str], rows_per_file: int, write: bool
+) -> list[dict[str, Any]]:
+    """One record of counts per shard, from a Ray Data pipeline over the work list."""
+    import ray
+
+    inputs = work.dataset()
+    estimate = work.estimated_rows()
+    if estimate is None:  # a listing: its rows stay in the object store while they are counted
+        inputs = inputs.materialize()
+        estimate = inputs.count()
+    n_shards = max(1, math.ceil(estimate / rows_per_file))
+    rows = inputs.map_batches(_as_plan_rows, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+    if legacy:
+        old = ray.data.read_parquet(legacy, filesystem=out.fs, columns=["path", "label", "error"])
+        rows = rows.union(old.map_batches(_as_plan_rows, batch_format="pyarrow", batch_size=None))
+    rows = rows.map_batches(
+        _add_shard, batch_format="pyarrow", fn_kwargs={"n_shards": n_shards}, num_cpus=0.25
+    )
+    plan_shard = {
+        "fn_kwargs": {"out": out if write else None},
+        "batch_format": "pyarrow",
+        "num_cpus": 0.25,
+    }
+    if n_shards == 1:  # one shard: no shuffle, its rows (~rows_per_file at most) go to one task
+        grouped = rows.repartition(1).map_batches(_plan_shard, batch_size=None, **plan_shard)
+    else:  # a hash shuffle brings each shard's rows to one task, its copies of a path included
+        grouped = rows.groupby("shard", num_partitions=min(n_shards, 64)).map_groups(
+            _plan_shard, **plan_shard
+        )
+    return grouped.take_all()
+
+
+def _ours(exc: BaseException | None) -> DogbreadError | None:
+    """The DogbreadError that a Ray task raised, found in the exceptions Ray wraps it in."""
+    while exc is not None:
+        if isinstance(exc, DogbreadError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
+def _as_plan_rows(batch: pa.Table) -> pa.Table:
+    n, names = batch.num_rows, batch.column_names
+    legacy = "label" in names
+    text = pa.nulls(n, pa.string())
+    return pa.table(
+        {
+            "path": batch["path"],
+            "hidden": batch["hidden"] if "hidden" in names else np.zeros(n, bool),
+            "legacy": np.full(n, legacy),
+            "label": batch["label"] if legacy else text,
+            "error": batch["error"] if legacy else text,
+        },
+        PLAN_ROW,
+    )
+
+
+def _add_shard(batch: pa.Table, n_shards: int) -> pa.Table:
+    # pandas' vectorized hash (SipHash with a fixed key): the same path, the same shard, in every
+    # process. Python's hash() is salted per process.
+    paths = batch["path"].fill_null("").to_numpy(zero_copy_only=False)
+    hashes = pd.util.hash_pandas_object(pd.Series(paths), index=False).to_numpy()
+    return batch.append_column("shard", pa.array((hashes % n_shards).astype(np.int32)))
+
+
+def _plan_shard(rows: pa.Table, out: Output | None) -> pa.Table:
+    """One shard's paths: dropped duplicates, legacy rows matched, the rest written sorted."""
+    if rows.num_rows == 0:  # an empty work list, in the one-shard plan
+        return pa.table({"shard": pa.array([], pa.int32())})
+    shard = rows["shard"][0].as_py()
+    is_legacy = rows["legacy"]
+    inputs = rows.filter(pc.invert(is_legacy))
+    visible = inputs.filter(pc.invert(inputs["hidden"]))["path"]
+    bad = visible.null_count + (pc.sum(pc.equal(visible, "")).as_py() or 0)
+    unique = pc.unique(visible.drop_null())
+    old = rows.filter(is_legacy)
+    old = old.filter(pc.is_in(old["path"], value_set=unique))
+    todo = pc.unique(unique.filter(pc.invert(pc.is_in(unique, value_set=old["path"]))))
+    todo = todo.take(pc.sort_indices(todo))
+    if out is not None:
+        table = pa.table({"path": todo}, pa.schema([OUTPUT_SCHEMA.field("path")]))
+        write_atomic(out.fs, out.path(META, "plan", shard_name(shard) + ".parquet"), table)
+    record = {
+        "shard": shard,
+        "mentions": len(visible),
+        "images": len(unique),
+        "rows": len(todo),
+        "hidden": inputs.num_rows - len(visible),
+        "bad": bad,
+        "s3": pc.sum(pc.starts_with(unique, "s3://")).as_py() or 0,
+        "legacy": json.dumps(count_rows(old)),
+    }
+    return pa.Table.from_pylist([record])
+
+
+def _summed(records: list[dict[str, Any]], work: WorkList, model_version: str) -> Plan:
+    total = Counter()
+    for record in records:
+        total.update({k: record[k] for k in ("mentions", "images", "hidden", "bad", "s3")})
+    if total["bad"]:
+        raise DataError(f"manifest {work.source} has {total['bad']} rows without a path")
+    if total["images"] == 0:
+        raise DataError(f"no files to label in {work.source}")
+    if total["s3"] not in (0, total["images"]):
+        raise DataError(f"manifest {work.source} mixes s3:// and local paths")
+    shards = {
+        r["shard"]: {"images": r["images"], "rows": r["rows"], "legacy": json.loads(r["legacy"])}
+        for r in sorted(records, key=lambda r: r["shard"])
+        if r["images"]
+    }
+    return Plan(
+        input=work.source,
+        model_version=model_version,
+        on_s3=total["s3"] > 0,
+        images=total["images"],
+        duplicate_paths=total["mentions"] - total["images"],
+        skipped_hidden=total["hidden"],
+        shards=shards,
+    )
+
+
+def shard_paths(out: Output, shard: int) -> pa.Array:
+    """The sorted input paths of a planned shard."""
+    table = pq.read_table(out.path(META, "plan", shard_name(shard) + ".parquet"), filesystem=out.fs)
+    return table["path"].combine_chunks()
