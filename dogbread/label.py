@@ -65,6 +65,8 @@ def run(config: LabelConfig) -> dict[str, Any]:
     legacy = [] if planned else output.legacy_parts(out)
     _check_legacy(out, legacy, card.model_version)
     if not config.dry_run:  # before the work, so that even a killed run records how it started
+        if legacy:
+            output.set_aside_legacy_sidecars(out)
         out.write(output.CONFIG, dump_config(config).encode())
     markers = output.read_markers(out) if planned else {}
     needed = planned is None or bool(_todo(planned, markers))

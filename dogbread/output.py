@@ -281,6 +281,15 @@ def legacy_parts(out: Output) -> list[str]:
     return [f for f in data_files(out) if posixpath.basename(f).startswith("part-")]
 
 
+def set_aside_legacy_sidecars(out: Output) -> None:
+    """Move the config.yaml, summary.json and report.html that dogbread wrote beside its parts
+    before shards (they stop pandas and pyarrow from opening the folder) into `_dogbread/`."""
+    for name in ("config.yaml", "summary.json", "report.html"):
+        if out.fs.get_file_info(out.path(name)).type == pafs.FileType.File:
+            out.fs.create_dir(out.path(META), recursive=True)
+            out.fs.move(out.path(name), out.path(META, f"before-shards-{name}"))
+
+
 def read_labels(output: str, s3_endpoint: str | None = None) -> pa.Table:
     """Every row a label job wrote into `output` (a convenience for small outputs)."""
     out = Output.at(output, s3_endpoint)

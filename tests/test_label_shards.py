@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from urllib.parse import quote_plus
 
+import pandas
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -140,10 +141,14 @@ def test_an_output_of_the_version_before_shards_resumes(
     for i in (0, 6):  # two parts named as that version named them: part-<run>-<hash>.parquet
         name = f"part-20261206T010203Z-abcdef-{i:016x}.parquet"
         pq.write_table(pa.Table.from_pylist(old[i : i + 6], OUTPUT_SCHEMA), out / name)
+    (out / "config.yaml").write_text("# dogbread LabelConfig\n")  # its sidecars, as it wrote them
+    (out / "summary.json").write_text("{}")
     summary = run(small_model_dir, str(Path(images[0]).parents[1]), out)
     assert (summary["images"], summary["already_done"], summary["labeled"]) == (120, 12, 108)
     assert summary["labels"]["dog"] >= 12  # the old rows count
+    table = pandas.read_parquet(out)  # its old sidecars were set aside, under _dogbread/
+    assert len(table) == 120 and table["path"].nunique() == 120
+    assert (out / "_dogbread" / "before-shards-config.yaml").exists()
     table = rows_of(out)
-    assert table.num_rows == 120 and len(set(table["path"].to_pylist())) == 120
     kept = {r["path"]: r for r in table.to_pylist() if r["path"] in images[:12]}
     assert all(r["labeled_at"] == now and r["score"] == pytest.approx(0.9) for r in kept.values())
