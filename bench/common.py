@@ -8,6 +8,7 @@ the first N files, listed in a manifest, and a larger run only draws the missing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -173,11 +174,12 @@ class TreeMemory:
 
     A local `ray.init` starts GCS, the raylet and every Ray worker as descendants of the driver,
     so the tree of `dogbread label` is all of its processes, and none of another user's Ray.
+    `peak_root_rss_kib` is the peak RSS of the process `pid` alone (the driver).
     """
 
     def __init__(self, pid: int, every: float = 0.2) -> None:
         self.pid, self.every = pid, every
-        self.peak_rss_kib = self.peak_pss_kib = self.peak_processes = 0
+        self.peak_rss_kib = self.peak_pss_kib = self.peak_processes = self.peak_root_rss_kib = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -185,7 +187,8 @@ class TreeMemory:
     def _run(self) -> None:
         while not self._stop.is_set():
             pids = list(_descendants(self.pid))
-            usage = [_memory_kib(p) for p in pids]
+            usage = [_memory_kib(p) for p in pids]  # pids[0] is the root
+            self.peak_root_rss_kib = max(self.peak_root_rss_kib, usage[0][0])
             self.peak_rss_kib = max(self.peak_rss_kib, sum(r for r, _ in usage))
             self.peak_pss_kib = max(self.peak_pss_kib, sum(p for _, p in usage))
             self.peak_processes = max(self.peak_processes, len(pids))
@@ -208,11 +211,13 @@ def run_label(
     extra: list[str] | None = None,
     sample_memory: bool = True,
 ) -> dict[str, Any]:
-    """`python -m dogbread label` as a user runs it: wall time, first part, its summary, memory.
+    """`python -m dogbread label` as a user runs it: wall time, first batch, its summary, memory.
 
-    The output folder is polled for the first Parquet part: a part is committed once its batch is
-    labeled, so its appearance is the first labeled batch. Sampling memory reads every process's
-    smaps_rollup 5 times a second, which costs CPU: throughput runs leave it out.
+    The output's kept batches (`_dogbread/batches/**/batch-*-n<rows>.parquet`, each written once
+    its batch is labeled, deleted once its shard is committed) are polled: the first one's
+    appearance is the first labeled batch, and their write times give the steady rate. Sampling
+    memory reads every process's smaps_rollup 5 times a second, which costs CPU: throughput runs
+    leave it out.
     """
     command = [sys.executable, "-m", "dogbread", "label", "--model", model]
     command += ["--input", manifest, "--output", str(output), *(extra or [])]
@@ -222,11 +227,14 @@ def run_label(
     started = time.monotonic()
     process = subprocess.Popen(command, env=ENV, cwd=PROJECT, stdout=stdout, stderr=stderr)
     memory = TreeMemory(process.pid) if sample_memory else None
-    first_part = None
+    first_part, batches = None, {}
     while process.poll() is None:
-        if first_part is None and output.is_dir() and any(output.rglob("part-*.parquet")):
-            first_part = time.monotonic() - started
-        time.sleep(0.05)
+        for batch in (output / "_dogbread" / "batches").rglob("batch-*.parquet"):
+            if batch not in batches:
+                with contextlib.suppress(FileNotFoundError):  # committed meanwhile
+                    batches[batch] = (batch.stat().st_mtime, int(batch.stem.rsplit("-n", 1)[1]))
+                first_part = first_part or time.monotonic() - started
+        time.sleep(0.05 if first_part is None else 0.5)  # write times date the rest
     wall = time.monotonic() - started
     peaks = memory.stop() if memory else {}
     out, err = (_read_all(f) for f in (stdout, stderr))
@@ -237,22 +245,19 @@ def run_label(
         "wall_seconds": round(wall, 2),
         "images_per_second_wall": round(summary["labeled"] / wall, 1),
         "images_per_second_summary": summary["images_per_second"],
-        "images_per_second_steady": _steady_rate(output),
+        "images_per_second_steady": _steady_rate(sorted(batches.values())),
         "first_batch_seconds": round(first_part, 2) if first_part is not None else None,
         "summary": {k: summary[k] for k in ("labeled", "labels", "errors", "labeling_seconds")},
         **peaks,
     }
 
 
-def _steady_rate(output: Path) -> float | None:
-    """Images/s between the first and the last part committed: start-up and shutdown left out."""
-    import pyarrow.parquet as pq
-
-    parts = sorted((p.stat().st_mtime, p) for p in output.rglob("part-*.parquet"))
-    if len(parts) < 2:
+def _steady_rate(batches: list[tuple[float, int]]) -> float | None:
+    """Images/s between the first and the last batch kept: start-up and shutdown left out."""
+    if len(batches) < 2:
         return None
-    rows = sum(pq.read_metadata(p).num_rows for _, p in parts[1:])
-    return round(rows / (parts[-1][0] - parts[0][0]), 1)
+    rows = sum(n for _, n in batches[1:])
+    return round(rows / (batches[-1][0] - batches[0][0]), 1)
 
 
 def _read_all(file: IO[str]) -> str:
