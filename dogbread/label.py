@@ -45,6 +45,7 @@ from dogbread.plan import Plan
 log = logging.getLogger(__name__)
 
 LOCAL = pafs.LocalFileSystem()
+EXPAND_ROWS = 65_536  # paths a block as a shard is read
 ACTOR_NUM_CPUS = 0.5  # fractional: whole-CPU actors on 2 cores leave no CPU to decode with
 
 
@@ -280,9 +281,12 @@ def _label(job: _Job, pending: dict[int, int], retried: set[int]) -> dict[int, d
         _expand_shard,
         batch_size=1,  # a shard a task: its paths are read once, then go on in blocks
         batch_format="pyarrow",
-        fn_kwargs={"out": out, "batch_size": config.batch_size, "retried": retried},
+        fn_kwargs={"out": out, "retried": retried},
         num_cpus=0.25,
-    ).map_batches(
+    )
+    # Ray Data buffers what a task yields into blocks of up to 128 MiB: a shard would reach one
+    # actor as one block. Blocks of a batch each spread the work over the pool and keep progress.
+    ds = ds.repartition(target_num_rows_per_block=config.batch_size).map_batches(
         Labeler,
         # A block is a batch. Ray refuses GPU map_batches without a batch_size; the blocks
         # already hold that many rows, so it is the same batching.
@@ -318,11 +322,9 @@ def _label(job: _Job, pending: dict[int, int], retried: set[int]) -> dict[int, d
     return {marker["shard"]: marker for marker in ray.get(commits)}
 
 
-def _expand_shard(
-    batch: pa.Table, out: Output, batch_size: int, retried: set[int]
-) -> Iterator[pa.Table]:
-    """A shard's paths still to label, in blocks of batch_size: its planned paths (or, for a
-    committed shard, the rows whose read failed) less those in batches already kept."""
+def _expand_shard(batch: pa.Table, out: Output, retried: set[int]) -> Iterator[pa.Table]:
+    """A shard's paths still to label: its planned paths (or, for a committed shard, the rows
+    whose read failed) less those in batches already kept."""
     for shard in batch["shard"].to_pylist():
         if shard in retried:
             marker = output.read_marker(out, shard)
@@ -335,8 +337,8 @@ def _expand_shard(
         kept = output.batch_paths(out, shard)
         if len(kept):
             paths = paths.filter(pc.invert(pc.is_in(paths, value_set=kept)))
-        for start in range(0, len(paths), batch_size):
-            chunk = paths.slice(start, batch_size)
+        for start in range(0, len(paths), EXPAND_ROWS):  # bounded: a shard may hold millions
+            chunk = paths.slice(start, EXPAND_ROWS)
             yield pa.table({"path": chunk, "shard": pa.array([shard] * len(chunk), pa.int32())})
 
 
