@@ -213,7 +213,7 @@ def run_label(
 ) -> dict[str, Any]:
     """`python -m dogbread label` as a user runs it: wall time, first batch, its summary, memory.
 
-    The output's kept batches (`_dogbread/batches/**/batch-*-n<rows>.parquet`, each written once
+    The output's kept batches (`_dogbread/batches/**/batch-*-n<rows>.pq`, each written once
     its batch is labeled, deleted once its shard is committed) are polled: the first one's
     appearance is the first labeled batch, and their write times give the steady rate. Sampling
     memory reads every process's smaps_rollup 5 times a second, which costs CPU: throughput runs
@@ -229,7 +229,7 @@ def run_label(
     memory = TreeMemory(process.pid) if sample_memory else None
     first_part, batches = None, {}
     while process.poll() is None:
-        for batch in (output / "_dogbread" / "batches").rglob("batch-*.parquet"):
+        for batch in (output / "_dogbread" / "batches").rglob("batch-*.pq"):
             if batch not in batches:
                 with contextlib.suppress(FileNotFoundError):  # committed meanwhile
                     batches[batch] = (batch.stat().st_mtime, int(batch.stem.rsplit("-n", 1)[1]))

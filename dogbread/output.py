@@ -1,18 +1,22 @@
 """A label output folder: its layout, how a shard is committed, and how it is read back.
 
-    OUTPUT/part-00042.parquet              a shard's rows (with --partition-by label:
-    OUTPUT/label=dog/part-00042.parquet    one file per label in Hive folders)
+    OUTPUT/part-00042.parquet              a shard's rows (with --partition-by label: one file
+    OUTPUT/label=dog/part-00042.parquet    per label in Hive folders, error rows in label=__error__)
     OUTPUT/_config.yaml  _summary.json  _report.html  _SUCCESS (written last, on a complete run)
     OUTPUT/_dogbread/plan.json             the shards, written once by the first run (plan.py)
-    OUTPUT/_dogbread/plan/shard-00042.parquet    a shard's input paths, sorted
+    OUTPUT/_dogbread/plan/shard-00042.pq   a shard's input paths, sorted
     OUTPUT/_dogbread/batches/shard-00042/  labeled batches of a shard not yet committed
     OUTPUT/_dogbread/shards/shard-00042.json     a committed shard's marker: its counts
 
 Everything that is not data starts with `_`, so pandas, pyarrow, DuckDB, Spark and Athena open
-the folder as it is. A shard is committed by `commit_shard`: its batches (and, when rows are
-retried, its earlier rows) become its data files, then its marker is written, then the batches
-are deleted. Each step can be repeated after a crash and gives the same files, so a path never
-has two rows once a shard is committed, and never in two committed shards.
+the folder as it is; dogbread's own Parquet files are named `.pq`, so that a `**/*.parquet` glob
+(DuckDB's, which does not skip `_` folders) finds the data files only. Partitioned data files
+leave the label out, as Hive does: the folder holds it.
+
+A shard is committed by `commit_shard`: its batches (and, when rows are retried, its earlier rows)
+become its data files, then its marker is written, then the batches are deleted. Each step can be
+repeated after a crash and gives the same files, so a path never has two rows once a shard is
+committed, and never in two committed shards.
 """
 
 from __future__ import annotations
@@ -48,7 +52,10 @@ OUTPUT_SCHEMA = pa.schema(
         ("labeled_at", pa.timestamp("us", tz="UTC")),
     ]
 )
-ERROR_PARTITION = "__HIVE_DEFAULT_PARTITION__"  # Hive's (and Spark's) folder for a null value
+# Error rows' folder with --partition-by label. Not Hive's __HIVE_DEFAULT_PARTITION__ (a null):
+# pandas.read_parquet fails on a null partition value ("Cannot yet unify dictionaries with nulls").
+ERROR_PARTITION = "__error__"
+INTERNAL = ".pq"  # the suffix of dogbread's own Parquet files: plan shards and kept batches
 META, CONFIG, SUMMARY, REPORT, SUCCESS = (
     "_dogbread",
     "_config.yaml",
@@ -122,7 +129,7 @@ def write_batch(out: Output, shard: int, table: pa.Table) -> None:
     Named after its rows: a batch that Ray retries after its actor died replaces its own file.
     """
     digest = hashlib.sha1("\n".join(table["path"].to_pylist()).encode()).hexdigest()[:16]
-    name = f"batch-{digest}-n{table.num_rows}.parquet"
+    name = f"batch-{digest}-n{table.num_rows}{INTERNAL}"
     write_atomic(out.fs, out.path(META, "batches", shard_name(shard), name), table)
 
 
@@ -131,7 +138,7 @@ def batch_rows(out: Output) -> Counter[int]:
     selector = pafs.FileSelector(out.path(META, "batches"), recursive=True, allow_not_found=True)
     rows: Counter[int] = Counter()
     for info in out.fs.get_file_info(selector):
-        found = re.fullmatch(r"batch-[0-9a-f]{16}-n(\d+)\.parquet", info.base_name)
+        found = re.fullmatch(r"batch-[0-9a-f]{16}-n(\d+)\.pq", info.base_name)
         if info.type == pafs.FileType.File and found:
             rows[int(posixpath.basename(posixpath.dirname(info.path))[6:])] += int(found[1])
     return rows
@@ -139,7 +146,7 @@ def batch_rows(out: Output) -> Counter[int]:
 
 def batch_paths(out: Output, shard: int) -> pa.Array:
     """The paths of a shard's kept batches."""
-    return _read_files(out, _batch_files(out, shard), ["path"])["path"].combine_chunks()
+    return _read_batches(out, _batch_files(out, shard), ["path"])["path"].combine_chunks()
 
 
 def _batch_files(out: Output, shard: int) -> list[str]:
@@ -148,11 +155,37 @@ def _batch_files(out: Output, shard: int) -> list[str]:
     return sorted(i.path for i in infos if i.base_name.startswith("batch-"))
 
 
-def _read_files(out: Output, files: list[str], columns: list[str] | None = None) -> pa.Table:
+def _read_batches(out: Output, files: list[str], columns: list[str] | None = None) -> pa.Table:
     if not files:
         return OUTPUT_SCHEMA.empty_table().select(columns or OUTPUT_SCHEMA.names)
     dataset = pads.dataset(files, filesystem=out.fs, schema=OUTPUT_SCHEMA)
     return dataset.to_table(columns=columns)
+
+
+def data_dataset(out: Output, files: list[str]) -> pads.Dataset:
+    """The output's data files as one dataset of OUTPUT_SCHEMA (in partitioned files the label
+    is the folder's, Hive-style; error rows' `__error__` is left to the caller)."""
+    hive = pads.partitioning(pa.schema([OUTPUT_SCHEMA.field("label")]), flavor="hive")
+    return pads.dataset(
+        files,
+        filesystem=out.fs,
+        schema=OUTPUT_SCHEMA,
+        partitioning=hive,
+        partition_base_dir=out.root,
+    )
+
+
+def _read_data(out: Output, files: list[str], columns: list[str] | None = None) -> pa.Table:
+    """Rows of data files, with a null label on error rows as in unpartitioned files."""
+    if not files:
+        return OUTPUT_SCHEMA.empty_table().select(columns or OUTPUT_SCHEMA.names)
+    table = data_dataset(out, files).to_table(columns=columns)
+    if "label" in table.column_names:
+        labels = table["label"]
+        nulls = pa.nulls(len(labels), pa.string())
+        labels = pc.if_else(pc.equal(labels, ERROR_PARTITION), nulls, labels)
+        table = table.set_column(table.column_names.index("label"), "label", labels)
+    return table
 
 
 # --- committing a shard -------------------------------------------------------------------------
@@ -167,7 +200,7 @@ def commit_shard(
     earlier = [out.path(f) for f in marker.get("files", {})]
     batches = _batch_files(out, shard)
     rows = _latest_per_path(
-        pa.concat_tables([_read_files(out, earlier), _read_files(out, batches)])
+        pa.concat_tables([_read_data(out, earlier), _read_batches(out, batches)])
     )
     if rows.num_rows != images:
         raise RuntimeError(f"shard {shard} has {rows.num_rows} rows for {images} inputs")
@@ -218,15 +251,16 @@ def _groups(rows: pa.Table, partition_by: str | None) -> dict[str, pa.Table]:
     if partition_by != "label":
         return {"": rows}
     labels = rows["label"].fill_null(ERROR_PARTITION)  # class names never take this name
+    data = rows.drop_columns(["label"])  # the folder holds it, as Hive, Spark and pandas expect
     return {
-        f"label={quote(value, safe='')}": rows.filter(pc.equal(labels, value))
+        f"label={quote(value, safe='')}": data.filter(pc.equal(labels, value))
         for value in sorted(pc.unique(labels).to_pylist())
     }
 
 
 def read_shard_rows(out: Output, marker: dict[str, Any], columns: list[str]) -> pa.Table:
     """The rows of a committed shard's data files."""
-    return _read_files(out, [out.path(f) for f in marker["files"]], columns)
+    return _read_data(out, [out.path(f) for f in marker["files"]], columns)
 
 
 def read_marker(out: Output, shard: int) -> dict[str, Any] | None:
@@ -293,4 +327,4 @@ def set_aside_legacy_sidecars(out: Output) -> None:
 def read_labels(output: str, s3_endpoint: str | None = None) -> pa.Table:
     """Every row a label job wrote into `output` (a convenience for small outputs)."""
     out = Output.at(output, s3_endpoint)
-    return _read_files(out, data_files(out))
+    return _read_data(out, data_files(out))

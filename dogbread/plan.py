@@ -4,7 +4,7 @@ A shard is the unit of commit and of resume. The first run of an output plans it
 path is hashed into one of N shards (N = inputs / rows_per_file), a hash shuffle (Ray Data's
 groupby) brings each shard's paths together on one worker, which drops duplicate paths (a path's
 copies all hash to the same shard, so no process needs the whole list), sorts the rest and writes
-them as `_dogbread/plan/shard-NNNNN.parquet`. `_dogbread/plan.json`, written last, lists the
+them as `_dogbread/plan/shard-NNNNN.pq`. `_dogbread/plan.json`, written last, lists the
 shards with their counts; every later run reads it instead of the work list, so a rerun of a job
 of 50 million inputs reads one small file and the shards' markers.
 
@@ -29,7 +29,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dogbread.errors import DataError, DogbreadError
-from dogbread.output import META, OUTPUT_SCHEMA, Output, count_rows, shard_name, write_atomic
+from dogbread.output import (
+    INTERNAL,
+    META,
+    OUTPUT_SCHEMA,
+    Output,
+    count_rows,
+    shard_name,
+    write_atomic,
+)
 from dogbread.worklist import WorkList
 
 log = logging.getLogger(__name__)
@@ -182,7 +190,7 @@ def _plan_shard(rows: pa.Table, out: Output | None) -> pa.Table:
     todo = todo.take(pc.sort_indices(todo))
     if out is not None:
         table = pa.table({"path": todo}, pa.schema([OUTPUT_SCHEMA.field("path")]))
-        write_atomic(out.fs, out.path(META, "plan", shard_name(shard) + ".parquet"), table)
+        write_atomic(out.fs, out.path(META, "plan", shard_name(shard) + INTERNAL), table)
     record = {
         "shard": shard,
         "mentions": len(visible),
@@ -224,5 +232,5 @@ def _summed(records: list[dict[str, Any]], work: WorkList, model_version: str) -
 
 def shard_paths(out: Output, shard: int) -> pa.Array:
     """The sorted input paths of a planned shard."""
-    table = pq.read_table(out.path(META, "plan", shard_name(shard) + ".parquet"), filesystem=out.fs)
+    table = pq.read_table(out.path(META, "plan", shard_name(shard) + INTERNAL), filesystem=out.fs)
     return table["path"].combine_chunks()

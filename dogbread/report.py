@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
@@ -103,7 +102,7 @@ def _label_page(uri: str, endpoint: str | None) -> str:
     # Counted by the run (or, unfinished, by its committed shards), else in the rows read.
     markers = {} if summary else output.read_markers(out)
     if summary:
-        labels, errors = summary["labels"], summary["errors"]
+        labels, errors = summary.get("labels", {}), summary.get("errors", {})
     elif markers:
         markers = markers.values()
         labels = dict(sum((Counter(m["labels"]) for m in markers), Counter()))
@@ -163,8 +162,7 @@ def _sample_rows(parts: list[str], out: output.Output) -> tuple[pa.Table, list, 
     step = max(1, len(parts) // SAMPLE_FILES)
     picked = parts[::step][:SAMPLE_FILES]
     per_file = SAMPLE_ROWS // len(picked)
-    dataset = pads.dataset(picked, filesystem=out.fs, schema=output.OUTPUT_SCHEMA)
-    scanner = dataset.scanner(columns=["label", "score", "error"])
+    scanner = output.data_dataset(out, picked).scanner(columns=["label", "score", "error"])
     batches, origins, seen = [], [], Counter()
     for tagged in scanner.scan_batches():  # in order, each batch with the file it came from
         part, batch = tagged.fragment, tagged.record_batch

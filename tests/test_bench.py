@@ -71,6 +71,17 @@ def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
     assert memory["rss_growth"] > 0 and memory["pss_growth"] > 0
     startup = found["startup"]
     assert 0 < startup["first_batch_seconds"] <= startup["wall_seconds"]
+    plan = found["label_plan"]  # --smoke: 20,000 keys in 4 files of an S3 Inventory, 4 shards
+    (planned,) = plan["runs"].values()
+    assert planned["ok"] and planned["exit_code"] == 0 and all(planned["checks"].values())
+    assert (planned["keys"], planned["files"], planned["duplicates_expected"]) == (20_000, 4, 15)
+    dry = planned["dry_run"]
+    assert (dry["images"], dry["duplicate_paths"], dry["shards"]) == (19_985, 15, 4)
+    assert (dry["to_label"], dry["already_done"], dry["planned_before"]) == (19_985, 0, False)
+    assert 0 < dry["seconds"] <= planned["seconds"] and planned["cpu_seconds"] > 0
+    assert 0 < planned["driver_peak_rss_mib"] < planned["total_peak_rss_mib"]
+    assert planned["peak_processes"] >= 3 and plan["ratios_largest_over_smallest"] is None
+    assert plan["targets"]["no_error"] and isinstance(plan["targets_met"], bool)
     train = found["train_overhead"]
     (only_round,) = train["rounds"]
     assert len(only_round["plain_keras"]["epoch_seconds"]) == 1
@@ -82,6 +93,7 @@ def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
         "c/a" in text
         and "growth" in text
         and "--workers 1" in text
+        and "planning an S3 Inventory" in text
         and combined["generated"] in text
     )
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import io
 import json
 import os
@@ -188,23 +187,26 @@ def test_partition_by_label_with_threshold(labeled, inputs, small_model_dir, tmp
     assert json.loads(captured.out[captured.out.index("{") :]) == summary
 
     folders = {Path(p).parent.name for p in part_files(out)}
-    assert {"label=uncertain", "label=__HIVE_DEFAULT_PARTITION__"} <= folders
-    assert folders - {"label=uncertain", "label=__HIVE_DEFAULT_PARTITION__"}  # a real class too
+    assert {"label=uncertain", "label=__error__"} <= folders
+    assert folders - {"label=uncertain", "label=__error__"}  # a real class too
     for path in part_files(out):
         folder_label = unquote(Path(path).parent.name.split("=", 1)[1])
-        for row in pq.read_table(path).to_pylist():
-            if folder_label == "__HIVE_DEFAULT_PARTITION__":
-                assert row["label"] is None and row["error"]
+        table = pq.read_table(path, partitioning=None)
+        assert "label" not in table.column_names  # Hive's way: the folder holds it
+        for row in table.to_pylist():
+            if folder_label == "__error__":
+                assert row["error"] and row["score"] is None
             else:
-                assert row["label"] == folder_label and row["error"] is None
-                assert (row["label"] == "uncertain") == (row["score"] < np.float32(threshold))
+                assert row["error"] is None
+                assert (folder_label == "uncertain") == (row["score"] < np.float32(threshold))
 
-    # A Hive-aware reader sees the same rows, with null labels for the errors.
-    dataset = pads.dataset(out, format="parquet", partitioning="hive", exclude_invalid_files=True)
-    table = dataset.to_table()
+    # A Hive-aware reader sees the same rows, and dogbread's reader null labels for the errors.
+    table = pads.dataset(out, partitioning="hive").to_table()
     assert table.num_rows == 64
-    assert table.schema.equals(EXPECTED_SCHEMA)
     assert sorted(table["path"].to_pylist()) == sorted(inputs["expected"])
+    assert table["label"].to_pylist().count("__error__") == len(table["error"].drop_null()) == 4
+    table = label.read_labels(str(out))
+    assert table.schema.equals(EXPECTED_SCHEMA)
     assert table["label"].null_count == len(table["error"].drop_null()) == 4
     assert summary["labels"].get("uncertain", 0) > 0
 
@@ -291,7 +293,7 @@ def _session_alive(session: int) -> bool:
 
 def kept_batches(out: Path) -> list[str]:
     """Labeled batches of shards not yet committed (under _dogbread/, which readers skip)."""
-    return sorted(str(p) for p in Path(out, "_dogbread", "batches").rglob("batch-*.parquet"))
+    return sorted(str(p) for p in Path(out, "_dogbread", "batches").rglob("batch-*.pq"))
 
 
 def test_a_killed_run_resumes_without_duplicates_or_rework(

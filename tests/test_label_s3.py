@@ -43,9 +43,14 @@ def bucket(s3_server, synthetic_tree, small_model_dir) -> dict:
     }
 
 
-def s3_parts(client, prefix: str) -> list[str]:
+def s3_keys(client, prefix: str) -> list[str]:
     listing = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
-    return sorted(o["Key"] for o in listing if o["Key"].endswith(".parquet"))
+    return sorted(o["Key"] for o in listing)
+
+
+def s3_parts(client, prefix: str) -> list[str]:
+    """The data files under `prefix` (dogbread's own files are under names starting with _)."""
+    return [k for k in s3_keys(client, prefix) if k.endswith(".parquet") and "/_" not in k]
 
 
 def test_label_s3_to_s3(ray_local, s3_server, bucket, capfd):
@@ -65,11 +70,7 @@ def test_label_s3_to_s3(ray_local, s3_server, bucket, capfd):
 
     # Read back with pyarrow alone, through a filesystem built independently of dogbread.
     dataset = pads.dataset(
-        f"{BUCKET}/labels/run1",
-        filesystem=s3_server.filesystem(),
-        format="parquet",
-        partitioning="hive",
-        exclude_invalid_files=True,
+        f"{BUCKET}/labels/run1", filesystem=s3_server.filesystem(), partitioning="hive"
     )
     table = dataset.to_table()
     assert table.num_rows == 23
@@ -80,11 +81,13 @@ def test_label_s3_to_s3(ray_local, s3_server, bucket, capfd):
         assert rows[f"s3://{BUCKET}/{key}"]["label"] in ("bread", "dog")
     for key, reason in bucket["bad"].items():
         row = rows[f"s3://{BUCKET}/{key}"]
-        assert row["error"].startswith(f"{reason}: ") and row["label"] is None
+        # Partitioned: the label is the folder's, and error rows sit in label=__error__.
+        assert row["error"].startswith(f"{reason}: ") and row["label"] == "__error__"
 
     # Running again adds nothing.
     client = s3_server.client()
     parts = s3_parts(client, "labels/run1/")
+    assert parts and all("/label=" in p for p in parts)
     again = label.run(config)
     assert (again["labeled"], again["already_done"]) == (0, 23)
     assert s3_parts(client, "labels/run1/") == parts
@@ -93,7 +96,9 @@ def test_label_s3_to_s3(ray_local, s3_server, bucket, capfd):
     secret = s3_server.secret_key.encode()
     captured = capfd.readouterr()
     assert secret not in (captured.out + captured.err).encode()
-    for key in ["labels/run1/summary.json", "labels/run1/config.yaml", *parts]:
+    keys = s3_keys(client, "labels/run1/")  # data, sidecars, and dogbread's plan and markers
+    assert {"labels/run1/_summary.json", "labels/run1/_config.yaml", *parts} <= set(keys)
+    for key in keys:
         assert secret not in client.get_object(Bucket=BUCKET, Key=key)["Body"].read(), key
 
 

@@ -1,6 +1,7 @@
-"""report.html for label outputs and training runs: counts, thumbnails, escaping, a real browser.
+"""Reports of label outputs (_report.html) and training runs (report.html): counts, thumbnails,
+escaping, a real browser.
 
-Most label outputs here are written by hand (Parquet parts of label's schema), so the expected
+Most label outputs here are written by hand (data files of label's schema), so the expected
 counts are known exactly and no Ray is needed; one test labels for real, partitioned, with Ray.
 """
 
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from dogbread import data, evaluate, label, report
+from dogbread import data, evaluate, label, output, report
 from dogbread.cli import main
 from dogbread.config import LabelConfig
 
@@ -55,11 +56,13 @@ def tiles(body: str) -> tuple[int, int]:
 
 
 def write_parts(fs_root: str, rows: list[dict], parts: int, filesystem=None) -> None:
-    """`rows` as `parts` Parquet parts of label's schema (locally, or in `filesystem`)."""
+    """`rows` as `parts` data files of label's schema, one per shard as label names them
+    (locally, or in `filesystem`)."""
     defaults = {"probabilities": None, "model_version": "v1", "labeled_at": None}
-    table = pa.Table.from_pylist([{**defaults, **r} for r in rows], label.OUTPUT_SCHEMA)
+    table = pa.Table.from_pylist([{**defaults, **r} for r in rows], output.OUTPUT_SCHEMA)
     for i, chunk in enumerate(np.array_split(np.arange(len(rows)), parts)):
-        pq.write_table(table.take(chunk), f"{fs_root}/part-test-{i}.parquet", filesystem=filesystem)
+        path = f"{fs_root}/{output.data_file_name(i)}"
+        pq.write_table(table.take(chunk), path, filesystem=filesystem)
 
 
 def fake_rows(tree: Path, input_root: Path) -> list[dict]:
@@ -86,7 +89,7 @@ def fake_rows(tree: Path, input_root: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def fake_output(tmp_path_factory, synthetic_tree, small_model_dir) -> dict:
-    """A finished label output, in 4 parts, with a summary and the config naming the model."""
+    """A finished label output, in 4 data files, with a summary and the config naming the model."""
     root = tmp_path_factory.mktemp("report")
     (root / "in").mkdir()
     out = root / "out"
@@ -95,17 +98,18 @@ def fake_output(tmp_path_factory, synthetic_tree, small_model_dir) -> dict:
     write_parts(str(out), rows, parts=4)
     summary = {"input": str(root / "in"), "output": str(out), "images": 42, "seconds": 3.5}
     summary |= {"images_per_second": 12.3, "labels": {"bread": 30, "dog": 9}}
-    (out / "summary.json").write_text(json.dumps(summary))
+    summary |= {"errors": {"empty": 2, "truncated": 1}, "complete": True, "shards": 4}
+    (out / "_summary.json").write_text(json.dumps(summary))
     config = LabelConfig(model=small_model_dir, input=str(root / "in"), output=str(out))
-    (out / "config.yaml").write_text(yaml.safe_dump(vars(config)))
+    (out / "_config.yaml").write_text(yaml.safe_dump(vars(config)))
     assert main(["report", str(out)]) == 0
-    return {"page": (out / "report.html").read_text(), "rows": {r["path"]: r for r in rows}}
+    return {"page": (out / "_report.html").read_text(), "rows": {r["path"]: r for r in rows}}
 
 
 def test_label_report_counts_histograms_and_grids(fake_output):
     found = sections(fake_output["page"])
     counts = found["Counts"]
-    assert "42 images in 4 Parquet parts" in counts
+    assert "42 images in 4 Parquet files" in counts
     assert table_rows(counts, "label-counts")[1:] == [
         ["bread", "30", "71.4%"],
         ["dog", "9", "21.4%"],
@@ -200,17 +204,17 @@ def test_report_of_an_s3_output(s3_server, synthetic_tree, small_model_dir, tmp_
         client.put_object(Bucket=bucket, Key=f"model/{name}", Body=body)
     write_parts(f"{bucket}/labels", rows, parts=3, filesystem=s3_server.filesystem())
     config = {"model": f"s3://{bucket}/model", "s3_endpoint": s3_server.endpoint}
-    client.put_object(Bucket=bucket, Key="labels/config.yaml", Body=yaml.safe_dump(config))
+    client.put_object(Bucket=bucket, Key="labels/_config.yaml", Body=yaml.safe_dump(config))
 
     uri = report.write_report(f"s3://{bucket}/labels", s3_server.endpoint)
-    assert uri == f"s3://{bucket}/labels/report.html"
-    page = client.get_object(Bucket=bucket, Key="labels/report.html")["Body"].read().decode()
+    assert uri == f"s3://{bucket}/labels/_report.html"
+    page = client.get_object(Bucket=bucket, Key="labels/_report.html")["Body"].read().decode()
     found = sections(page)
-    assert "42 images in 3 Parquet parts" in found["Counts"]
+    assert "42 images in 3 Parquet files" in found["Counts"]
     assert tiles(found["Sample: bread"]) == (12, 0) and tiles(found["Sample: dog"]) == (8, 1)
     assert tiles(found["Failed files (3)"]) == (0, 3)
     assert dict(table_rows(found["Model card"], "kv"))["class_names"] == "bread, dog"
-    assert "no summary.json" in found["Run"]
+    assert "no _summary.json" in found["Run"]
 
 
 def test_training_run_report(synthetic_tree, tmp_path):
@@ -276,8 +280,8 @@ def test_label_writes_the_report_unless_no_report(
         partition_by="label",
     )
     summary = label.run(config)
-    assert any(p.name == "label=__HIVE_DEFAULT_PARTITION__" for p in out.iterdir())
-    found = sections((out / "report.html").read_text())
+    assert any(p.name == "label=__error__" for p in out.iterdir())
+    found = sections((out / "_report.html").read_text())
     counts = found["Counts"]
     assert "22 images in" in counts
     assert {r[0]: int(r[1]) for r in table_rows(counts, "label-counts")[1:]} == summary["labels"]
@@ -290,13 +294,13 @@ def test_label_writes_the_report_unless_no_report(
     # A rerun into a copy of the finished output has nothing left to label (no Ray work), yet
     # ends as every run does: with the report, unless --no-report.
     quiet = tmp_path / "quiet"
-    shutil.copytree(out, quiet, ignore=shutil.ignore_patterns("report.html", "summary.json"))
+    shutil.copytree(out, quiet, ignore=shutil.ignore_patterns("_report.html", "_summary.json"))
     argv = ["label", "--model", small_model_dir, "--input", str(source), "--output", str(quiet)]
     assert main([*argv, "--batch-size", "8", "--partition-by", "label", "--no-report"]) == 0
-    assert (quiet / "summary.json").exists() and not (quiet / "report.html").exists()
-    assert yaml.safe_load((quiet / "config.yaml").read_text())["report"] is False
+    assert (quiet / "_summary.json").exists() and not (quiet / "_report.html").exists()
+    assert yaml.safe_load((quiet / "_config.yaml").read_text())["report"] is False
     assert main([*argv, "--batch-size", "8", "--partition-by", "label"]) == 0  # the control
-    assert (quiet / "report.html").exists()
+    assert (quiet / "_report.html").exists()
 
 
 def test_report_of_a_folder_without_labels_fails_with_one_line(tmp_path, capsys):

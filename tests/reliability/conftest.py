@@ -242,11 +242,16 @@ def catalog_run(tmp_path_factory, cli) -> dict:
 
 
 def read_rows(out: Path):
-    """Every row under a local output, read with pyarrow alone (not dogbread's reader)."""
+    """Every row under a local output (partitioned by label), read with pyarrow alone (not
+    dogbread's reader), error rows' label null as in an unpartitioned output."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    parts = sorted(str(p) for p in out.rglob("part-*.parquet"))
-    return pads.dataset(parts, format="parquet").to_table()
+    table = pads.dataset(out, partitioning="hive").to_table()
+    labels = table["label"].cast(pa.string())  # the folder names: label=<label>, label=__error__
+    labels = pc.if_else(pc.equal(labels, "__error__"), pa.scalar(None, pa.string()), labels)
+    return table.set_column(table.column_names.index("label"), "label", labels)
 
 
 # --- S3: a server with a distinctive secret; train and label through it -----------------------

@@ -2,7 +2,7 @@
 
 Promises:
 (a) A labeling driver SIGKILLed midway and run again leaves exactly one row per input, and the
-    parts of the first run untouched: proven by
+    batches the first run kept are not labeled again: proven by
     tests/test_label.py::test_a_killed_run_resumes_without_duplicates_or_rework (not repeated).
 (b) A Ray worker killed while it labels a batch: the batch is retried, no row is lost or doubled.
 (c) A training worker killed mid-epoch resumes from its last checkpoint: proven by
@@ -23,6 +23,7 @@ SeaweedFS server of this module's own, so that stopping it disturbs no other tes
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -41,6 +42,11 @@ from .conftest import read_rows, s3_env, subprocess_env, upload
 pytestmark = pytest.mark.slow
 
 BUCKET = "faults"
+
+
+def kept_rows(names: set[str] | list[str]) -> int:
+    """Rows in kept batch files, from their names: batch-<digest>-n<rows>.pq."""
+    return sum(int(re.search(r"-n(\d+)\.pq$", name)[1]) for name in names)
 
 
 def run_in_thread(config: LabelConfig) -> tuple[threading.Thread, dict]:
@@ -91,24 +97,24 @@ def test_a_labeling_worker_killed_mid_batch_is_retried_without_losing_or_duplica
     config = LabelConfig(model=small_model_dir, input=str(source), output=str(out), batch_size=32)
     thread, result = run_in_thread(config)
 
+    # One shard: its labeled batches are kept here until the shard is committed, at the end.
+    batches = out / "_dogbread" / "batches" / "shard-00000"
+    seen: set[str] = set()  # every batch file name that ever appeared
     killed: list[tuple[int, str, int]] = []
     deadline = time.monotonic() + 600
-    while thread.is_alive() and not killed:
-        parts = len(list(out.glob("part-*.parquet"))) if out.exists() else 0
-        for pid in descendants(os.getpid()) if parts else []:
+    while thread.is_alive() and time.monotonic() < deadline:
+        kept = {p.name for p in batches.glob("batch-*.pq")} if batches.exists() else set()
+        seen |= kept
+        for pid in descendants(os.getpid()) if kept and not killed else []:
             name = title(pid)
             # The labeling actor while it runs a batch: its title ends with the method's name.
             if name.startswith("ray::") and "Labeler" in name and name.endswith(".submit"):
                 os.kill(pid, signal.SIGKILL)
-                killed.append((pid, name, parts))
+                killed.append((pid, name, kept_rows(kept)))
                 break
-        assert time.monotonic() < deadline, "the labeling actor was never seen mid-batch"
         time.sleep(0.02)
     thread.join(600)
-    assert not thread.is_alive(), "the run did not finish after the kill"
-    assert killed, "the run ended before a labeling worker could be killed"
-    (pid, name, parts_before_kill) = killed[0]
-    assert 0 < parts_before_kill < 19, "the kill was not mid-run"
+    assert not thread.is_alive(), "the run did not finish"
     assert "error" not in result, repr(result.get("error"))
 
     table = read_rows(out)
@@ -116,9 +122,16 @@ def test_a_labeling_worker_killed_mid_batch_is_retried_without_losing_or_duplica
     assert len(paths) == total and len(set(paths)) == total  # none lost, none doubled
     assert sorted(paths) == sorted(str(p) for p in source.rglob("*.jpg"))
     assert table["error"].null_count == total  # the retry read and decoded every image again
-    assert len(list(out.glob("part-*.parquet"))) == 19  # the retried batch replaced its own part
+    # The retried batch replaced its own file (named after its rows): never more than 19 batches
+    # kept. The shard's rows were then committed as its one data file, and the batches deleted.
+    assert len(seen) <= 19, sorted(seen)
+    assert [p.name for p in out.rglob("part-*.parquet")] == ["part-00000.parquet"]
+    assert not batches.exists()
     summary = result["summary"]
     assert (summary["images"], summary["labeled"], summary["errors"]) == (total, total, {})
+    assert killed, "the run ended before a labeling worker could be killed"
+    (pid, name, rows_before_kill) = killed[0]
+    assert 0 < rows_before_kill < total, f"the kill was not mid-run: {rows_before_kill} rows kept"
     assert not Path(f"/proc/{pid}").exists()  # the killed worker is gone; another did the work
 
 
@@ -143,24 +156,25 @@ def test_an_s3_outage_of_a_few_seconds_mid_run_is_ridden_out_and_the_run_finishe
     client = own_s3.client()
 
     def parts() -> list[str]:
-        listing = client.list_objects_v2(Bucket=BUCKET, Prefix="outage-out/")
-        return [o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith(".parquet")]
+        """The labeled batches kept so far (the shard's data file is written at the end)."""
+        listing = client.list_objects_v2(Bucket=BUCKET, Prefix="outage-out/_dogbread/batches/")
+        return [o["Key"] for o in listing.get("Contents", []) if o["Key"].endswith(".pq")]
 
     config = LabelConfig(
         model=small_model_dir,
         input=f"s3://{BUCKET}/outage-in",
         output=f"s3://{BUCKET}/outage-out",
-        batch_size=8,  # 15 parts
+        batch_size=8,  # 15 batches
         s3_endpoint=own_s3.endpoint,
     )
     with own_s3.credentials_in_environment():
         thread, result = run_in_thread(config)
         deadline = time.monotonic() + 300
         while not parts():
-            assert thread.is_alive(), f"the run ended before its first part: {result}"
-            assert time.monotonic() < deadline, "no part was written"
+            assert thread.is_alive(), f"the run ended before its first batch: {result}"
+            assert time.monotonic() < deadline, "no batch was kept"
             time.sleep(0.1)
-        written_before_outage = len(parts())
+        rows_before_outage = kept_rows(parts())
         own_s3.stop()  # reads, writes and listings now fail to connect
         time.sleep(4)
         still_running = thread.is_alive()
@@ -169,13 +183,13 @@ def test_an_s3_outage_of_a_few_seconds_mid_run_is_ridden_out_and_the_run_finishe
         assert not thread.is_alive(), "the run did not finish after the outage"
         rows = label.read_labels(config.output, own_s3.endpoint)
     assert "error" not in result, f"the run failed: {result.get('error')!r}"
-    assert still_running and written_before_outage < 15, "the outage was not mid-run"
 
     summary = result["summary"]
     assert (summary["images"], summary["labeled"], summary["errors"]) == (120, 120, {})
     paths = rows["path"].to_pylist()
     assert sorted(paths) == sorted(f"s3://{BUCKET}/{k}" for k in keys)  # one row per input
     assert rows["error"].null_count == 120  # no read failed: no image turned into an error row
+    assert still_running and rows_before_outage < 120, f"not mid-run: {rows_before_outage} kept"
 
 
 @pytest.fixture(scope="module")

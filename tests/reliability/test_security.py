@@ -49,12 +49,15 @@ def test_secret_keys_never_appear_in_logs_parquet_summaries_or_saved_configs(s3_
         "run/model_card.json",
         "run/metrics.json",
         "run/manifest.parquet",
-        "labels/config.yaml",
-        "labels/summary.json",
+        "labels/_config.yaml",
+        "labels/_summary.json",
+        "labels/_report.html",
+        "labels/_dogbread/plan.json",
     ):
         assert wanted in searched
     assert any(k.startswith("run/checkpoints/") for k in searched)
-    assert any(k.startswith("labels/") and k.endswith(".parquet") for k in searched)
+    assert any(k.startswith("labels/label=") and k.endswith(".parquet") for k in searched)
+    assert any(k.startswith("labels/_dogbread/shards/") for k in searched)
 
     # Ray's own files on this node (logs of the driver, raylet, workers and actors).
     ray_files = 0
@@ -141,7 +144,7 @@ def test_a_model_with_a_lambda_layer_is_refused_by_label_and_predict_with_exit_2
 def test_no_label_value_makes_a_write_escape_the_output_root(catalog_run):
     run, out, base = catalog_run["run"], catalog_run["out"], catalog_run["base"]
     assert run.returncode == 0, run.explain()
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())
     # Both hostile names really were labels, so both became partition values.
     assert set(summary["labels"]) == set(catalog_run["class_names"])
 
@@ -154,7 +157,7 @@ def test_no_label_value_makes_a_write_escape_the_output_root(catalog_run):
         folder = path.parent
         assert folder.parent == out and folder.name.startswith("label="), path
         value = unquote(folder.name.removeprefix("label="))
-        assert value in (*catalog_run["class_names"], "__HIVE_DEFAULT_PARTITION__"), value
+        assert value in (*catalog_run["class_names"], "__error__"), value
     tag = catalog_run["tag"]
     assert not Path(f"/tmp/dogbread-escaped-{tag}").exists()
     assert not [p for p in base.parent.rglob(f"escaped-{tag}*")], "a label climbed out"
