@@ -97,6 +97,8 @@ def resolve(source: str, s3_endpoint: str | None) -> WorkList:
             return WorkList(source, fs, root, (root,), cwd=cwd)
         _check_folder(source, fs, root)
         files = _manifest_folder(fs, root)
+        if not files and not _has_a_visible_file(fs, root):  # said before Ray starts
+            raise DataError(f"no files to label in {source}")
         return WorkList(source, fs, root, files, cwd=cwd)
     except OSError as exc:
         raise StorageError(f"cannot read {source}: {storage.first_line(exc)}") from None
@@ -109,6 +111,20 @@ def _check_folder(source: str, fs: pafs.FileSystem, root: str) -> None:
             raise DataError(f"bucket not found: s3://{bucket}")
     elif fs.get_file_info(root).type == pafs.FileType.NotFound:
         raise DataError(f"input not found: {source}")
+
+
+def _has_a_visible_file(fs: pafs.FileSystem, folder: str) -> bool:
+    """Whether any file below `folder` has no hidden name; stops at the first one found."""
+    if isinstance(fs, pafs.S3FileSystem):
+        infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        entries = [(i.path, i.type == pafs.FileType.Directory) for i in infos]
+    else:
+        with os.scandir(folder) as found:  # a link to a folder counts as a file: no loops
+            entries = [(e.path, e.is_dir(follow_symlinks=False)) for e in found]
+    visible = [(p, is_dir) for p, is_dir in entries if not posixpath.basename(p).startswith(".")]
+    return any(not is_dir for _, is_dir in visible) or any(
+        _has_a_visible_file(fs, path) for path, is_dir in visible if is_dir
+    )
 
 
 def _manifest_folder(fs: pafs.FileSystem, root: str) -> tuple[str, ...]:
