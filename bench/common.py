@@ -174,12 +174,15 @@ class TreeMemory:
 
     A local `ray.init` starts GCS, the raylet and every Ray worker as descendants of the driver,
     so the tree of `dogbread label` is all of its processes, and none of another user's Ray.
-    `peak_root_rss_kib` is the peak RSS of the process `pid` alone (the driver).
+    `peak_root_rss_kib` is the peak RSS of the process `pid` alone (the driver); `cpu_seconds()`
+    the CPU time of every process of the tree as last sampled (Ray's processes are not reaped by
+    their parents, so the rusage of children misses most of them).
     """
 
     def __init__(self, pid: int, every: float = 0.2) -> None:
         self.pid, self.every = pid, every
         self.peak_rss_kib = self.peak_pss_kib = self.peak_processes = self.peak_root_rss_kib = 0
+        self._cpu_ticks: dict[tuple[int, str], int] = {}  # (pid, start time): utime + stime
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -192,7 +195,16 @@ class TreeMemory:
             self.peak_rss_kib = max(self.peak_rss_kib, sum(r for r, _ in usage))
             self.peak_pss_kib = max(self.peak_pss_kib, sum(p for _, p in usage))
             self.peak_processes = max(self.peak_processes, len(pids))
+            for pid in pids:
+                try:
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:  # ended meanwhile
+                    continue
+                self._cpu_ticks[pid, fields[19]] = int(fields[11]) + int(fields[12])
             self._stop.wait(self.every)
+
+    def cpu_seconds(self) -> float:
+        return sum(self._cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> dict[str, float]:
         self._stop.set()

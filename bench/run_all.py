@@ -36,6 +36,7 @@ BENCHMARKS: list[tuple[str, str, list[str], list[str] | None]] = [
     ),
     ("label_memory", "label_memory", [], ["--images", "40", "80"]),
     ("startup", "startup", [], ["--images", "40", "--runs", "1"]),
+    ("label_plan", "label_plan", [], ["--smoke"]),
     (
         "train_overhead",
         "train_overhead",
@@ -113,6 +114,9 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             f"| {peaks} · growth {memory['rss_growth']}x RSS, {memory['pss_growth']}x PSS "
             f"| ≤ 1.25x | {memory['machine']['load_average'][0]:.1f} |"
         )
+    plan = results.get("label_plan")
+    if plan:
+        rows.append(_plan_row(plan))
     train = results.get("train_overhead")
     if train:
         for workers in train["rounds"][0]["dogbread_train"]:
@@ -158,6 +162,37 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             f"recall {accuracy['recall']} (seed notebook: 0.967, 0.984, 0.936) | ≥ 0.97 | |"
         )
     return "\n".join(rows)
+
+
+def _plan_row(plan: dict[str, Any]) -> str:
+    """The row of bench/label_plan.py: `dogbread label --dry-run` of an S3 Inventory."""
+    sizes = []
+    for keys, r in plan["runs"].items():
+        if "checks" not in r:
+            sizes.append(f"{int(keys):,} keys: failed (exit {r['exit_code']}; results.json)")
+            continue
+        failed = [name for name, ok in r["checks"].items() if not ok]
+        sizes.append(
+            f"{int(keys):,} keys ({r['files']} files): {r['seconds']} s "
+            f"({r['cpu_seconds']} s of CPU), driver "
+            f"{r['driver_peak_rss_mib']:,.0f} MiB RSS (all processes "
+            f"{r['total_peak_rss_mib']:,.0f})"
+            + (f", checks failed: {', '.join(failed)}" if failed else "")
+        )
+    ratios = plan["ratios_largest_over_smallest"]
+    if ratios:
+        sizes.append(
+            f"{ratios['keys']}x the keys: {ratios['seconds']}x the time, "
+            f"{ratios['driver_peak_rss']}x the driver's RSS"
+        )
+    missed = [name for name, ok in plan["targets"].items() if not ok]
+    verdict = "**met**" if not missed else f"**missed**: {', '.join(missed)}"
+    loads = "/".join(f"{r['load_average_before_after'][0]:.1f}" for r in plan["runs"].values())
+    return (
+        "| planning an S3 Inventory (Parquet manifest.json), `dogbread label --dry-run` "
+        f"| {' · '.join(sizes)} | no error, driver ≤ 2 GiB, ≤ 120 s at the largest: {verdict} "
+        f"| {loads} |"
+    )
 
 
 def refresh_readme(readme: Path, results: dict[str, dict[str, Any]], when: str) -> None:
