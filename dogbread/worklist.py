@@ -8,7 +8,8 @@ An input is one of:
   Inventory lists them); a folder or prefix holding only such files; or an S3 Inventory
   `manifest.json` (its CSV or Parquet data files). Each manifest file is read by a Ray task.
 
-Either way the paths flow as Ray Data blocks with WORK_SCHEMA. Where they go is plan.py's concern.
+Either way the paths flow as Arrow tables (WORK_SCHEMA) through Ray tasks and the object store;
+where they go is plan.py's concern.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
@@ -54,25 +56,24 @@ class WorkList:
     def is_manifest(self) -> bool:
         return bool(self.manifests)
 
-    def dataset(self) -> Any:
-        """A Ray Dataset of WORK_SCHEMA rows: every input path once per mention."""
-        import ray
+    def sources(self) -> tuple[list[Any], int]:
+        """(what Ray tasks read the inputs from, the number of rows, estimated for manifests):
+        manifest files, or refs of the listing's blocks, which stay in the object store."""
+        if self.manifests:
+            return list(self.manifests), self.estimated_rows()
+        return _list_tree(self.fs, self.root)
 
-        if not self.manifests:
-            return ray.data.from_arrow_refs(_list_tree(self.fs, self.root))
-        items = [{"file": f} for f in self.manifests]
-        return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _read_manifests,
-            batch_size=1,  # one manifest file per task
-            batch_format="pyarrow",
-            num_cpus=0.25,
-            fn_kwargs={"work": self},
-        )
+    def read(self, source: Any) -> Iterator[pa.Table]:
+        """A source's rows (WORK_SCHEMA), in tables of at most ROWS_PER_BLOCK: in a Ray task."""
+        if isinstance(source, pa.Table):  # a listed block, its ref resolved by Ray
+            yield source
+            return
+        for table in _manifest_tables(self, source):
+            paths = _paths(table, self, source)
+            yield pa.table({"path": paths, "hidden": np.zeros(len(paths), bool)}, WORK_SCHEMA)
 
-    def estimated_rows(self) -> int | None:
-        """Rows in the manifests without reading them (Parquet footers, CSV sizes), or None."""
-        if not self.manifests:
-            return None
+    def estimated_rows(self) -> int:
+        """Rows in the manifests without reading them (Parquet footers, CSV sizes)."""
         rows = 0.0
         for path in self.manifests:
             if path.endswith(".parquet"):
@@ -175,13 +176,6 @@ def _find_below_ancestor(fs: pafs.FileSystem, folder: str, key: str) -> str:
 # --- reading manifests (in Ray tasks) --------------------------------------------------------
 
 
-def _read_manifests(batch: pa.Table, work: WorkList) -> Any:
-    for file in batch["file"].to_pylist():
-        for table in _manifest_tables(work, file):
-            paths = _paths(table, work, file)
-            yield pa.table({"path": paths, "hidden": np.zeros(len(paths), bool)}, WORK_SCHEMA)
-
-
 def _manifest_tables(work: WorkList, file: str) -> Any:
     """The manifest file's rows in tables of at most ROWS_PER_BLOCK, path/bucket/key as text."""
     wanted = ("path", "bucket", "key")
@@ -228,32 +222,33 @@ def _paths(table: pa.Table, work: WorkList, file: str) -> pa.Array:
 # --- listing folders (in Ray tasks) ----------------------------------------------------------
 
 
-def _list_tree(fs: pafs.FileSystem, root: str) -> list[Any]:
-    """Object refs of WORK_SCHEMA blocks: every file below root, listed breadth first.
-
-    The driver keeps the folders still to list (and, locally, the real paths of those walked, so
-    that a link pointing up the tree is walked once); the files stay in the object store.
-    """
+def _list_tree(fs: pafs.FileSystem, root: str) -> tuple[list[Any], int]:
+    """(object refs of WORK_SCHEMA blocks: every file below root, listed breadth first; how
+    many files). The driver keeps the folders still to list (and, locally, the real paths of
+    those walked, so that a link pointing up the tree is walked once); the files stay in the
+    object store."""
     import ray
 
     list_folders = ray.remote(num_cpus=0.25, num_returns=2)(_list_folders)
-    blocks, frontier, seen, running = [], [root], {root}, {}
+    blocks, frontier, seen, running, files = [], [root], {root}, {}, 0
     while frontier or running:
         while frontier and len(running) < LISTINGS_IN_FLIGHT:
             batch, frontier = frontier[:FOLDERS_PER_TASK], frontier[FOLDERS_PER_TASK:]
-            files, folders = list_folders.remote(fs, root, batch)
-            running[folders] = files
+            block, found = list_folders.remote(fs, root, batch)
+            running[found] = block
         ready, _ = ray.wait(list(running), num_returns=1)
         blocks.append(running.pop(ready[0]))
-        for folder, real in ray.get(ready[0]):
+        subfolders, count = ray.get(ready[0])
+        files += count
+        for folder, real in subfolders:
             if real not in seen:
                 seen.add(real)
                 frontier.append(folder)
-    return blocks
+    return blocks, files
 
 
-def _list_folders(fs: pafs.FileSystem, root: str, folders: list[str]) -> tuple[pa.Table, list]:
-    """(the files directly in `folders`, [(subfolder, its real path)])."""
+def _list_folders(fs: pafs.FileSystem, root: str, folders: list[str]) -> tuple[pa.Table, tuple]:
+    """(the files directly in `folders`, ([(subfolder, its real path)], how many files))."""
     files: list[str] = []
     subfolders: list[tuple[str, str]] = []
     for folder in folders:
@@ -270,9 +265,8 @@ def _list_folders(fs: pafs.FileSystem, root: str, folders: list[str]) -> tuple[p
         except OSError as exc:
             raise StorageError(f"cannot list {folder}: {storage.first_line(exc)}") from None
     hidden = [_hidden(p, root) for p in files]
-    return pa.table(
-        {"path": pa.array(files, pa.string()), "hidden": hidden}, WORK_SCHEMA
-    ), subfolders
+    table = pa.table({"path": pa.array(files, pa.string()), "hidden": hidden}, WORK_SCHEMA)
+    return table, (subfolders, len(files))
 
 
 def _scan_local(folder: str, files: list[str], subfolders: list[tuple[str, str]]) -> None:
