@@ -31,13 +31,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from dogbread import output, plan, storage, worklist
 from dogbread.config import LabelConfig, dump_config
-from dogbread.errors import ConfigError, StorageError
+from dogbread.errors import ConfigError
 from dogbread.labeler import Labeler
 from dogbread.output import Output, by_kind
 from dogbread.plan import Plan
@@ -45,7 +43,6 @@ from dogbread.plan import Plan
 log = logging.getLogger(__name__)
 
 LOCAL = pafs.LocalFileSystem()
-EXPAND_ROWS = 65_536  # paths a block as a shard is read
 ACTOR_NUM_CPUS = 0.5  # fractional: whole-CPU actors on 2 cores leave no CPU to decode with
 
 
@@ -62,15 +59,14 @@ def run(config: LabelConfig) -> dict[str, Any]:
     if not config.dry_run:
         storage.check_writable(config.output, config.s3_endpoint)
     out = Output.at(config.output, config.s3_endpoint)
-    planned = _read_plan(out, config, card.model_version)
-    legacy = [] if planned else output.legacy_parts(out)
-    _check_legacy(out, legacy, card.model_version)
+    planned = plan.load(out, config.input, card.model_version)
+    legacy = [] if planned else output.legacy_parts(out, card.model_version)
     if not config.dry_run:  # before the work, so that even a killed run records how it started
         if legacy:
             output.set_aside_legacy_sidecars(out)
         out.write(output.CONFIG, dump_config(config).encode())
     markers = output.read_markers(out) if planned else {}
-    needed = planned is None or bool(_todo(planned, markers))
+    needed = planned is None or (not config.dry_run and bool(_todo(planned, markers)))
     with _ray_session(needed) as ray_started:
         shards = planned or plan.make(
             work, out, legacy, card.model_version, config.rows_per_file, not config.dry_run
@@ -110,41 +106,6 @@ def _check_config(config: LabelConfig) -> None:
     if not names_a_file and _inside(config.output, config.input):
         # Refused rather than filtered: our files would become inputs of the next run.
         raise ConfigError(f"output {config.output} is inside input {config.input}")
-
-
-def _read_plan(out: Output, config: LabelConfig, model_version: str) -> Plan | None:
-    try:
-        found = plan.load(out)
-    except (OSError, ValueError, TypeError) as exc:
-        raise StorageError(f"cannot read the plan in {config.output}: {exc}") from None
-    if found and found.model_version != model_version:
-        raise ConfigError(
-            f"{config.output} holds labels of model_version {found.model_version}, not "
-            f"{model_version}: label into another output"
-        )
-    if found and found.input != config.input:
-        raise ConfigError(
-            f"{config.output} was planned for input {found.input}, not {config.input}: "
-            "label into another output"
-        )
-    return found
-
-
-def _check_legacy(out: Output, legacy: list[str], model_version: str) -> None:
-    """Parts of a dogbread before shards hold one model_version (it refused to mix them)."""
-    if not legacy:
-        return
-    try:
-        versions = pq.read_table(legacy[0], filesystem=out.fs, columns=["model_version"])
-    except (OSError, pa.ArrowInvalid) as exc:
-        line = storage.first_line(exc)
-        raise StorageError(f"cannot read the parts already in {out.uri}: {line}") from None
-    others = set(pc.unique(versions["model_version"]).to_pylist()) - {model_version}
-    if others:
-        raise ConfigError(
-            f"{out.uri} holds labels of model_version {', '.join(sorted(others))}, not "
-            f"{model_version}: label into another output"
-        )
 
 
 def _todo(shards: Plan, markers: dict[int, dict]) -> dict[int, int]:
@@ -278,7 +239,7 @@ def _label(job: _Job, pending: dict[int, int], retried: set[int]) -> dict[int, d
     labeler_args = (job.model_file, job.card.to_json(), job.inference, job.in_fs, config.threshold)
     ds = ray.data.from_items(shard_items, override_num_blocks=max(1, len(shard_items)))
     ds = ds.map_batches(
-        _expand_shard,
+        plan.paths_to_label,
         batch_size=1,  # a shard a task: its paths are read once, then go on in blocks
         batch_format="pyarrow",
         fn_kwargs={"out": out, "retried": retried},
@@ -320,26 +281,6 @@ def _label(job: _Job, pending: dict[int, int], retried: set[int]) -> dict[int, d
             shown = time.monotonic()
             _show_progress(finished, total, start)
     return {marker["shard"]: marker for marker in ray.get(commits)}
-
-
-def _expand_shard(batch: pa.Table, out: Output, retried: set[int]) -> Iterator[pa.Table]:
-    """A shard's paths still to label: its planned paths (or, for a committed shard, the rows
-    whose read failed) less those in batches already kept."""
-    for shard in batch["shard"].to_pylist():
-        if shard in retried:
-            marker = output.read_marker(out, shard)
-            rows = output.read_shard_rows(out, marker, ["path", "error"])
-            reasons = pc.list_element(pc.split_pattern(rows["error"], ":", max_splits=1), 0)
-            paths = rows.filter(pc.is_in(reasons, value_set=pa.array(list(output.RETRIED_REASONS))))
-            paths = paths["path"].combine_chunks()
-        else:
-            paths = plan.shard_paths(out, shard)
-        kept = output.batch_paths(out, shard)
-        if len(kept):
-            paths = paths.filter(pc.invert(pc.is_in(paths, value_set=kept)))
-        for start in range(0, len(paths), EXPAND_ROWS):  # bounded: a shard may hold millions
-            chunk = paths.slice(start, EXPAND_ROWS)
-            yield pa.table({"path": chunk, "shard": pa.array([shard] * len(chunk), pa.int32())})
 
 
 def _inside(inner: str, outer: str) -> bool:

@@ -40,6 +40,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dogbread import storage
+from dogbread.errors import ConfigError, StorageError
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -308,11 +309,26 @@ def data_files(out: Output) -> list[str]:
     )
 
 
-def legacy_parts(out: Output) -> list[str]:
-    """Parts written by dogbread before shards (one per batch), which a run still resumes from.
+def legacy_parts(out: Output, model_version: str) -> list[str]:
+    """Parts written by dogbread before shards (one per batch), which a run still resumes from;
+    refused if of another model_version (that version refused to mix them, so one file tells).
 
     Called only where no plan exists: a planned output's data files come after its plan."""
-    return [f for f in data_files(out) if posixpath.basename(f).startswith("part-")]
+    parts = [f for f in data_files(out) if posixpath.basename(f).startswith("part-")]
+    if not parts:
+        return parts
+    try:
+        versions = pq.read_table(parts[0], filesystem=out.fs, columns=["model_version"])
+    except (OSError, pa.ArrowInvalid) as exc:
+        line = storage.first_line(exc)
+        raise StorageError(f"cannot read the parts already in {out.uri}: {line}") from None
+    others = set(pc.unique(versions["model_version"]).to_pylist()) - {model_version}
+    if others:
+        raise ConfigError(
+            f"{out.uri} holds labels of model_version {', '.join(sorted(others))}, not "
+            f"{model_version}: label into another output"
+        )
+    return parts
 
 
 def set_aside_legacy_sidecars(out: Output) -> None:

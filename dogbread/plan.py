@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dogbread.errors import DataError, DogbreadError
+from dogbread import output
+from dogbread.errors import ConfigError, DataError, DogbreadError, StorageError
 from dogbread.output import (
     INTERNAL,
     META,
@@ -42,6 +44,7 @@ from dogbread.worklist import WorkList
 
 log = logging.getLogger(__name__)
 
+EXPAND_ROWS = 65_536  # paths a block as a shard's paths are read to be labeled
 SPLIT_CPUS = 0.5  # per task of either round: two run on each core, reading overlaps hashing
 
 PLAN_FILE = "plan.json"
@@ -84,9 +87,24 @@ class Plan:
         return sum((Counter(s["legacy"]) for s in self.shards.values()), Counter())
 
 
-def load(out: Output) -> Plan | None:
-    found = out.read_json(META, PLAN_FILE)
-    return None if found is None else Plan.from_json(json.dumps(found))
+def load(out: Output, source: str, model_version: str) -> Plan | None:
+    """The output's plan, or None if it has none; refused if made for another input or model."""
+    try:
+        found = out.read_json(META, PLAN_FILE)
+        found = None if found is None else Plan.from_json(json.dumps(found))
+    except (OSError, ValueError, TypeError) as exc:
+        raise StorageError(f"cannot read the plan in {out.uri}: {exc}") from None
+    if found and found.model_version != model_version:
+        raise ConfigError(
+            f"{out.uri} holds labels of model_version {found.model_version}, not "
+            f"{model_version}: label into another output"
+        )
+    if found and found.input != source:
+        raise ConfigError(
+            f"{out.uri} was planned for input {found.input}, not {source}: "
+            "label into another output"
+        )
+    return found
 
 
 def make(
@@ -238,6 +256,25 @@ def _summed(records: list[dict[str, Any]], work: WorkList, model_version: str) -
         skipped_hidden=total["hidden"],
         shards=shards,
     )
+
+
+def paths_to_label(batch: pa.Table, out: Output, retried: set[int]) -> Iterator[pa.Table]:
+    """The paths still to label of each shard in `batch` (a Ray Data map): its planned paths
+    (or, for a committed shard, those whose read failed) less those in batches already kept."""
+    for shard in batch["shard"].to_pylist():
+        if shard in retried:
+            rows = output.read_shard_rows(out, output.read_marker(out, shard), ["path", "error"])
+            reasons = pc.list_element(pc.split_pattern(rows["error"], ":", max_splits=1), 0)
+            retry = pa.array(sorted(output.RETRIED_REASONS))
+            paths = rows.filter(pc.is_in(reasons, value_set=retry))["path"].combine_chunks()
+        else:
+            paths = shard_paths(out, shard)
+        kept = output.batch_paths(out, shard)
+        if len(kept):
+            paths = paths.filter(pc.invert(pc.is_in(paths, value_set=kept)))
+        for start in range(0, len(paths), EXPAND_ROWS):  # bounded: a shard may hold millions
+            chunk = paths.slice(start, EXPAND_ROWS)
+            yield pa.table({"path": chunk, "shard": pa.array([shard] * len(chunk), pa.int32())})
 
 
 def shard_paths(out: Output, shard: int) -> pa.Array:
