@@ -37,6 +37,7 @@ BENCHMARKS: list[tuple[str, str, list[str], list[str] | None]] = [
     ("label_memory", "label_memory", [], ["--images", "40", "80"]),
     ("startup", "startup", [], ["--images", "40", "--runs", "1"]),
     ("label_plan", "label_plan", [], ["--smoke"]),
+    ("label_report", "label_report", [], ["--smoke"]),
     (
         "train_overhead",
         "train_overhead",
@@ -117,6 +118,17 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     plan = results.get("label_plan")
     if plan:
         rows.append(_plan_row(plan))
+    report = results.get("label_report")
+    if report:
+        runs = " · ".join(
+            f"{int(n):,} rows ({r['files']} files): {r['seconds']} s, {r['peak_rss_mib']:,.0f} MiB"
+            for n, r in report["runs"].items()
+        )
+        rows.append(
+            f"| `dogbread report` of a label output (its counts, a sample of rows) | {runs} · "
+            f"growth {report['seconds_growth']}x time, {report['rss_growth']}x RSS | seconds "
+            f"| {report['machine']['load_average'][0]:.1f} |"
+        )
     train = results.get("train_overhead")
     if train:
         for workers in train["rounds"][0]["dogbread_train"]:

@@ -82,6 +82,9 @@ def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
     assert 0 < planned["driver_peak_rss_mib"] < planned["total_peak_rss_mib"]
     assert planned["peak_processes"] >= 3 and plan["ratios_largest_over_smallest"] is None
     assert plan["targets"]["no_error"] and isinstance(plan["targets_met"], bool)
+    report = found["label_report"]  # --smoke: outputs of 2,000 and 20,000 rows
+    assert [r["files"] for r in report["runs"].values()] == [2, 20]
+    assert all(r["seconds"] > 0 and r["page_kib"] > 0 for r in report["runs"].values())
     train = found["train_overhead"]
     (only_round,) = train["rounds"]
     assert len(only_round["plain_keras"]["epoch_seconds"]) == 1

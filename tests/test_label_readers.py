@@ -141,7 +141,11 @@ def test_duckdb_reads_every_row(outputs, name):
         hive = pads.dataset(output["where"], filesystem=output["fs"], partitioning="hive")
         con.register("dataset", hive)
         source = "dataset"
-    count, distinct = con.sql(f"SELECT count(*), count(DISTINCT path) FROM {source}").fetchone()
+    # fetchall: DuckDB 2 dropped a relation's fetchone(), and keeps execute()'s result open
+    # until it is read to the end.
+    ((count, distinct),) = con.execute(
+        f"SELECT count(*), count(DISTINCT path) FROM {source}"
+    ).fetchall()
     assert count == distinct == 25
     rows = con.sql(f"SELECT path, label FROM {source}").to_arrow_table()
     check(rows, output, hive=name in PARTITIONED)
