@@ -267,7 +267,7 @@ def _label(job: _Job, pending: dict[int, int], retried: set[int]) -> dict[int, d
     )
     # This dataset's own copy of the context: Ray's bars would fight with our line.
     ds.context.enable_progress_bars = ds.context.print_on_execution_start = False
-    remaining, total = dict(pending), sum(pending.values())
+    remaining, total, committing = dict(pending), sum(pending.values()), set()
     print(f"labeling {total} images", file=sys.stderr, flush=True)
     start = shown = time.monotonic()
     finished, every = 0, 0.5 if sys.stderr.isatty() else 10.0
@@ -275,7 +275,8 @@ def _label(job: _Job, pending: dict[int, int], retried: set[int]) -> dict[int, d
         for shard, n in zip(batch["shard"].to_pylist(), batch["rows"].to_pylist(), strict=True):
             remaining[shard] -= n
             finished += n
-            if remaining[shard] == 0:  # all its rows are kept: commit it, in a task of its own
+            if remaining[shard] <= 0 and shard not in committing:  # all its rows are kept
+                committing.add(shard)  # (<=: a batch Ray rebuilt counts twice; commit checks)
                 commits.append(commit_shard(shard))
         if time.monotonic() - shown >= every or finished == total:
             shown = time.monotonic()
