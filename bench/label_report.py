@@ -32,7 +32,7 @@ from dogbread.output import (
     count_rows,
     data_file_name,
     shard_name,
-    write_atomic,
+    write_table,
 )
 
 ROWS_PER_FILE = 1_000_000
@@ -60,7 +60,7 @@ def synthesize(root: Path, rows: int, per_file: int) -> Path:
                 "labeled_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
             }
         ).cast(OUTPUT_SCHEMA)
-        write_atomic(out.fs, out.path(data_file_name(shard)), table)
+        write_table(out.fs, out.path(data_file_name(shard)), table)
         counts = count_rows(table)
         total.update(counts)
         marker = {"shard": shard, "rows": n, "labels": by_kind(counts, "label")}

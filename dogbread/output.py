@@ -24,10 +24,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import posixpath
 import re
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -93,7 +93,7 @@ class Output:
             return None
 
     def write(self, relpath: str, data: bytes) -> None:
-        write_atomic(self.fs, self.path(relpath), data)
+        storage.write_atomic(self.fs, self.path(relpath), data)
 
 
 def shard_name(shard: int) -> str:
@@ -104,21 +104,9 @@ def data_file_name(shard: int) -> str:
     return f"part-{shard:05d}.parquet"
 
 
-def write_atomic(fs: pafs.FileSystem, path: str, data: bytes | pa.Table) -> None:
-    """Write a whole file or nothing: an S3 PUT is atomic; locally a hidden temp file is renamed."""
-    target = path
-    if not isinstance(fs, pafs.S3FileSystem):
-        os.makedirs(posixpath.dirname(path), exist_ok=True)
-        target = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp")
-    with fs.open_output_stream(target) as out:
-        if isinstance(data, pa.Table):
-            pq.write_table(data, out, row_group_size=ROW_GROUP_ROWS)
-        else:
-            out.write(data)
-    if target != path:
-        with open(target, "rb+") as f:
-            os.fsync(f.fileno())  # or a machine crash could leave a renamed but empty file
-        os.replace(target, path)
+def write_table(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+    """A Parquet file of the output's row groups, written whole or not at all."""
+    storage.write_atomic(fs, path, table, ROW_GROUP_ROWS)
 
 
 # --- batches: labeled, not yet committed --------------------------------------------------------
@@ -131,7 +119,7 @@ def write_batch(out: Output, shard: int, table: pa.Table) -> None:
     """
     digest = hashlib.sha1("\n".join(table["path"].to_pylist()).encode()).hexdigest()[:16]
     name = f"batch-{digest}-n{table.num_rows}{INTERNAL}"
-    write_atomic(out.fs, out.path(META, "batches", shard_name(shard), name), table)
+    write_table(out.fs, out.path(META, "batches", shard_name(shard), name), table)
 
 
 def batch_rows(out: Output) -> Counter[int]:
@@ -214,7 +202,7 @@ def commit_shard(
     for relpath in old.keys() - files.keys():
         out.fs.delete_file(out.path(relpath))
     for relpath in sorted(files, key=lambda f: files[f].num_rows - old.get(f, 0)):
-        write_atomic(out.fs, out.path(relpath), files[relpath])
+        write_table(out.fs, out.path(relpath), files[relpath])
     counts = count_rows(rows)
     marker = {
         "shard": shard,
@@ -270,8 +258,6 @@ def read_marker(out: Output, shard: int) -> dict[str, Any] | None:
 
 def read_markers(out: Output) -> dict[int, dict[str, Any]]:
     """Every committed shard's marker, read in threads (hundreds of small files)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     selector = pafs.FileSelector(out.path(META, "shards"), allow_not_found=True)
     names = [i.base_name for i in out.fs.get_file_info(selector)]
     shards = [int(n[6:11]) for n in names if re.fullmatch(r"shard-\d{5}\.json", n)]

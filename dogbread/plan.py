@@ -38,7 +38,7 @@ from dogbread.output import (
     Output,
     count_rows,
     shard_name,
-    write_atomic,
+    write_table,
 )
 from dogbread.worklist import WorkList
 
@@ -78,10 +78,10 @@ class Plan:
         return json.dumps(values, indent=1) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> Plan:
-        values = json.loads(text)
-        values["shards"] = {int(k): v for k, v in values["shards"].items()}
-        return cls(**values)
+    def from_dict(cls, values: dict[str, Any]) -> Plan:
+        """The plan as plan.json holds it (shard ids are JSON keys: text)."""
+        shards = {int(k): v for k, v in values["shards"].items()}
+        return cls(**{**values, "shards": shards})
 
     def legacy_counts(self) -> Counter[str]:
         return sum((Counter(s["legacy"]) for s in self.shards.values()), Counter())
@@ -91,7 +91,7 @@ def load(out: Output, source: str, model_version: str) -> Plan | None:
     """The output's plan, or None if it has none; refused if made for another input or model."""
     try:
         found = out.read_json(META, PLAN_FILE)
-        found = None if found is None else Plan.from_json(json.dumps(found))
+        found = None if found is None else Plan.from_dict(found)
     except (OSError, ValueError, TypeError) as exc:
         raise StorageError(f"cannot read the plan in {out.uri}: {exc}") from None
     if found and found.model_version != model_version:
@@ -219,7 +219,7 @@ def _plan_shard(shard: int, out: Output | None, *pieces: pa.Table) -> dict[str, 
     todo = todo.take(pc.sort_indices(todo))
     if out is not None:
         table = pa.table({"path": todo}, pa.schema([OUTPUT_SCHEMA.field("path")]))
-        write_atomic(out.fs, out.path(META, "plan", shard_name(shard) + INTERNAL), table)
+        write_table(out.fs, out.path(META, "plan", shard_name(shard) + INTERNAL), table)
     return {
         "shard": shard,
         "mentions": len(visible),

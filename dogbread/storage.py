@@ -11,6 +11,7 @@ import os
 import posixpath
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from dogbread.errors import StorageError
@@ -103,19 +104,34 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
         return stream.read()
 
 
+def write_atomic(
+    fs: pafs.FileSystem, path: str, data: bytes | pa.Table, row_group_size: int | None = None
+) -> None:
+    """Write a whole file or nothing: an S3 PUT is atomic; locally a hidden temp file (never
+    taken for data) is synced, then renamed. A Table is written as Parquet."""
+    import pyarrow.parquet as pq
+
+    target = path
+    if not isinstance(fs, pafs.S3FileSystem):
+        os.makedirs(posixpath.dirname(path), exist_ok=True)
+        name = f".{posixpath.basename(path)}.tmp-{os.getpid()}"
+        target = posixpath.join(posixpath.dirname(path), name)
+    with fs.open_output_stream(target) as out:
+        if isinstance(data, pa.Table):
+            pq.write_table(data, out, row_group_size=row_group_size)
+        else:
+            out.write(data)
+    if target != path:
+        with open(target, "rb+") as f:
+            os.fsync(f.fileno())  # or a machine crash could leave a renamed but empty file
+        os.replace(target, path)
+
+
 def write_bytes(uri: str, data: bytes, s3_endpoint: str | None = None) -> None:
-    """Write a small file whole (write to a temp name, then move, where the store allows)."""
+    """Write a small file whole (see write_atomic), with one line if it cannot be written."""
     fs, path = resolve(uri, s3_endpoint)
     try:
-        fs.create_dir(posixpath.dirname(path), recursive=True)
-        if isinstance(fs, pafs.S3FileSystem):  # an S3 PUT is already atomic
-            with fs.open_output_stream(path) as out:
-                out.write(data)
-            return
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with fs.open_output_stream(tmp) as out:
-            out.write(data)
-        fs.move(tmp, path)
+        write_atomic(fs, path, data)
     except OSError as exc:
         raise StorageError(f"cannot write {uri}: {first_line(exc)}") from None
 
