@@ -35,6 +35,7 @@ class SynthConfig:
 
 ARCHITECTURES = ("seed", "residual")  # dogbread.model builds them
 LR_SCHEDULES = ("constant", "cosine")
+LABEL_PLANS = ("auto", "fused", "split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +92,13 @@ class LabelConfig:
     # Inputs per shard, the unit of commit: its rows become one data file (one per label with
     # partition_by), ~30 MiB at 1M rows. A crash redoes only the batches in flight.
     rows_per_file: int = 1_000_000
-    actors: int = 1
+    # Where images are decoded: "fused" in the labeling actors (one machine: no pixels through
+    # the object store), "split" in CPU tasks on every node, the actors only infer (clusters,
+    # GPUs); "auto" splits on --gpu or a cluster of several CPU nodes (label.py).
+    plan: str = "auto"
+    actors: str = "1"  # labeling actors: N, or MIN:MAX for a pool that grows with the work
+    # CPUs each labeling actor reserves and uses (its LiteRT threads); None: the plan's default
+    actor_cpus: float | None = None
     use_gpu: bool = False
     threshold: float | None = None  # below it the label is "uncertain"
     partition_by: str | None = None  # "label" writes Hive-style label=... folders
@@ -99,9 +106,21 @@ class LabelConfig:
     report: bool = True  # write _report.html into the output at the end
     dry_run: bool = False  # plan and count, print the JSON, label nothing and write nothing
 
+    def actor_pool(self) -> tuple[int, int]:
+        """(min, max) labeling actors from `actors`: "4" is (4, 4), "1:8" is (1, 8)."""
+        low, _, high = self.actors.partition(":")
+        try:
+            sizes = int(low), int(high or low)
+        except ValueError:
+            raise ConfigError(f"actors must be N or MIN:MAX, got {self.actors!r}") from None
+        _require(1 <= sizes[0] <= sizes[1], "actors must be at least 1, and MIN at most MAX")
+        return sizes
+
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size must be at least 1")
-        _require(self.actors >= 1, "actors must be at least 1")
+        _require(self.plan in LABEL_PLANS, f"plan must be {' or '.join(LABEL_PLANS)}")
+        self.actor_pool()  # raises on a malformed --actors
+        _require(self.actor_cpus is None or self.actor_cpus > 0, "actor_cpus must be positive")
         _require(self.rows_per_file >= 1, "rows_per_file must be at least 1")
         _require(self.threshold is None or 0 <= self.threshold <= 1, "threshold must be in [0, 1]")
         _require(self.partition_by in (None, "label"), "partition_by can only be label")

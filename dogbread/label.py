@@ -20,6 +20,7 @@ with "."), which are counted as skipped. A file that cannot be read or decoded b
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -36,14 +37,16 @@ import pyarrow.fs as pafs
 from dogbread import output, plan, storage, worklist
 from dogbread.config import LabelConfig, dump_config
 from dogbread.errors import ConfigError
-from dogbread.labeler import Labeler
+from dogbread.labeler import Labeler, decode_block
 from dogbread.output import Output, by_kind
 from dogbread.plan import Plan
 
 log = logging.getLogger(__name__)
 
 LOCAL = pafs.LocalFileSystem()
-ACTOR_NUM_CPUS = 0.5  # fractional: whole-CPU actors on 2 cores leave no CPU to decode with
+SMALL_TASK_CPUS = 0.25  # expanding a shard's paths, committing a shard: mostly waiting on I/O
+DECODE_CPUS = 1.0  # a decode_block task decodes on one thread
+MIN_ACTOR_CPUS = 0.5  # a fused actor's share when many share a small machine
 
 
 def run(config: LabelConfig) -> dict[str, Any]:
@@ -74,15 +77,25 @@ def run(config: LabelConfig) -> dict[str, Any]:
         pending = _pending(out, _todo(shards, markers))
         if config.dry_run:
             return _print_dry_run(shards, markers, pending, planned is not None, started)
-        labeling_started = time.monotonic()
+        labeling_started, resources = time.monotonic(), None
         if pending:
             in_fs = storage.s3_filesystem(config.s3_endpoint) if shards.on_s3 else LOCAL
             inference = _inference_model(model, config.use_gpu)
-            job = _Job(config, shards, in_fs, out, model_file, card, inference, ray_started)
-            markers |= _label(job, pending, retried={s for s in pending if s in markers})
+            resources = _resources(config)
+            job = _Job(
+                config, shards, in_fs, out, model_file, card, inference, ray_started, resources
+            )
+            new_markers, where = _label(job, pending, retried={s for s in pending if s in markers})
+            markers |= new_markers
         labeling_seconds = time.monotonic() - labeling_started
     labeled = sum(pending.values())
     summary = _summary(config, out, shards, markers, labeled, labeling_seconds, started)
+    if resources:  # how this run labeled, as resolved from --plan, --actors and --actor-cpus
+        summary["plan"] = {
+            "decode": resources.plan,
+            "actor_cpus": resources.actor_cpus,
+            **where,  # Ray node ids where this run decoded and labeled, and how many actors
+        }
     out.write(output.SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
     if len(markers) == len(shards.shards):  # every input has its row: the output is complete
         out.write(output.SUCCESS, b"")
@@ -215,11 +228,16 @@ class _Job:
     card: Any
     inference: Any  # a LiteRTModel, or None: each actor loads the Keras model itself
     ray_started: str | None  # as ensure_ray said
+    resources: _Resources
 
 
-def _label(job: _Job, pending: dict[int, int], retried: set[int]) -> dict[int, dict]:
+def _label(
+    job: _Job, pending: dict[int, int], retried: set[int]
+) -> tuple[dict[int, dict], dict[str, Any]]:
     """Label the pending rows of the shards to do (`retried`: committed shards whose failed reads
-    are labeled again) and commit each shard once all its rows are kept; return the new markers."""
+    are labeled again) and commit each shard once all its rows are kept; return the new markers,
+    and where the work ran: the rows each Ray node decoded and labeled (a batch Ray ran twice
+    counts twice), and the number of actors that labeled."""
     import ray
 
     config, out = job.config, job.out
@@ -228,7 +246,7 @@ def _label(job: _Job, pending: dict[int, int], retried: set[int]) -> dict[int, d
             raise ConfigError("--gpu needs a GPU, and the local Ray has none: drop --gpu")
         # Not an error: an autoscaling cluster adds GPU nodes once the actors ask for them.
         log.warning("no GPU in the Ray cluster yet: the labeling actors wait for one")
-    commit = ray.remote(num_cpus=0.25)(output.commit_shard)
+    commit = ray.remote(num_cpus=SMALL_TASK_CPUS)(output.commit_shard)
 
     def commit_shard(shard: int) -> Any:
         rows = job.shards.shards[shard]["rows"]
@@ -236,43 +254,31 @@ def _label(job: _Job, pending: dict[int, int], retried: set[int]) -> dict[int, d
 
     commits = [commit_shard(s) for s, n in pending.items() if not n]  # kept whole by a killed run
     shard_items = [{"shard": s} for s, n in pending.items() if n]
-    labeler_args = (job.model_file, job.card.to_json(), job.inference, job.in_fs, config.threshold)
     ds = ray.data.from_items(shard_items, override_num_blocks=max(1, len(shard_items)))
     ds = ds.map_batches(
         plan.paths_to_label,
         batch_size=1,  # a shard a task: its paths are read once, then go on in blocks
         batch_format="pyarrow",
         fn_kwargs={"out": out, "retried": retried},
-        num_cpus=0.25,
+        num_cpus=SMALL_TASK_CPUS,
     )
-    # Ray Data buffers what a task yields into blocks of up to 128 MiB: a shard would reach one
-    # actor as one block. Blocks of a batch each spread the work over the pool and keep progress.
-    ds = ds.repartition(target_num_rows_per_block=config.batch_size).map_batches(
-        Labeler,
-        # A block is a batch. Ray refuses GPU map_batches without a batch_size; the blocks
-        # already hold that many rows, so it is the same batching.
-        batch_size=config.batch_size if config.use_gpu else None,
-        batch_format="pyarrow",
-        # Two batches in flight per actor: one's decoding and Parquet write overlap the
-        # other's model calls (~7% more images/s here); the model runs one call at a time.
-        # Not on GPUs, where two Keras calls at once would need twice the GPU memory.
-        compute=ray.data.ActorPoolStrategy(
-            size=config.actors,
-            max_concurrent_calls_per_actor=1 if config.use_gpu else 2,
-            enable_true_multi_threading=not config.use_gpu,
-        ),
-        num_cpus=ACTOR_NUM_CPUS,
-        num_gpus=1 if config.use_gpu else 0,
-        fn_constructor_args=(*labeler_args, out),
-    )
+    ds = _labeling_stages(job, _in_batches(ds, config.batch_size))
     # This dataset's own copy of the context: Ray's bars would fight with our line.
     ds.context.enable_progress_bars = ds.context.print_on_execution_start = False
     remaining, total, committing = dict(pending), sum(pending.values()), set()
+    nodes = {"decoded": collections.Counter(), "labeled": collections.Counter()}
+    actors: set[str] = set()
     print(f"labeling {total} images", file=sys.stderr, flush=True)
     start = shown = time.monotonic()
     finished, every = 0, 0.5 if sys.stderr.isatty() else 10.0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow") if shard_items else []:
-        for shard, n in zip(batch["shard"].to_pylist(), batch["rows"].to_pylist(), strict=True):
+        actors.update(batch["actor"].to_pylist())
+        for shard, n, decoded_on, labeled_on in zip(
+            *(batch[c].to_pylist() for c in ("shard", "rows", "decoded_on", "labeled_on")),
+            strict=True,
+        ):
+            nodes["decoded"][decoded_on] += n
+            nodes["labeled"][labeled_on] += n
             remaining[shard] -= n
             finished += n
             if remaining[shard] <= 0 and shard not in committing:  # all its rows are kept
@@ -281,7 +287,96 @@ def _label(job: _Job, pending: dict[int, int], retried: set[int]) -> dict[int, d
         if time.monotonic() - shown >= every or finished == total:
             shown = time.monotonic()
             _show_progress(finished, total, start)
-    return {marker["shard"]: marker for marker in ray.get(commits)}
+    markers = {marker["shard"]: marker for marker in ray.get(commits)}
+    return markers, {
+        "images_by_node": {stage: dict(counts) for stage, counts in nodes.items()},
+        "actors": len(actors),  # labeling actors that labeled a batch: how far the pool grew
+    }
+
+
+def _in_batches(ds: Any, rows: int) -> Any:
+    """`ds` in blocks of `rows` rows, re-cut in the tasks that made them.
+
+    Ray Data buffers what a task yields into blocks of up to 128 MiB: a shard would reach one
+    actor as one block. Blocks of a batch each spread the work over the pool and keep progress.
+    The repartition would run as tasks of its own, and Ray Data gives those a whole CPU, which a
+    machine whose actors hold all but the small tasks' share never has free: the job would wait
+    forever. Given the small tasks' resources it fuses into them (Ray 2.60's repartition takes no
+    resource arguments, hence the one private field).
+    """
+    ds = ds.repartition(target_num_rows_per_block=rows)
+    ds._logical_plan.dag.ray_remote_args["num_cpus"] = SMALL_TASK_CPUS
+    return ds
+
+
+def _labeling_stages(job: _Job, ds: Any) -> Any:
+    """Blocks of paths ─► (split plan: decode_block tasks on any node's CPUs ─►) the Labeler
+    pool, which labels and keeps each block; yields {shard, rows} per kept batch."""
+    import ray
+
+    config, resources = job.config, job.resources
+    if resources.plan == "split":
+        ds = ds.map_batches(
+            decode_block,
+            batch_format="pyarrow",
+            fn_kwargs={"in_fs": job.in_fs, "image_size": job.card.image_size},
+            num_cpus=DECODE_CPUS,
+        )
+    low, high = config.actor_pool()
+    labeler_args = (job.model_file, job.card.to_json(), job.inference, job.in_fs, config.threshold)
+    return ds.map_batches(
+        Labeler,
+        # A block is a batch. Ray refuses GPU map_batches without a batch_size; the blocks
+        # already hold that many rows, so it is the same batching.
+        batch_size=config.batch_size if config.use_gpu else None,
+        batch_format="pyarrow",
+        # Two batches in flight per actor: one's decoding and Parquet write overlap the
+        # other's model calls (~7% more images/s here); the model runs one call at a time.
+        # Not on GPUs, where two Keras calls at once would need twice the GPU memory.
+        # min < max: Ray Data adds actors while blocks wait for one, up to max, and removes
+        # idle ones; on an autoscaling cluster, actors that do not fit bring up nodes.
+        compute=ray.data.ActorPoolStrategy(
+            min_size=low,
+            max_size=high,
+            max_concurrent_calls_per_actor=1 if config.use_gpu else 2,
+            enable_true_multi_threading=not config.use_gpu,
+        ),
+        num_cpus=resources.actor_cpus,
+        num_gpus=1 if config.use_gpu else 0,
+        fn_constructor_args=(*labeler_args, job.out, resources.actor_cpus),
+    )
+
+
+@dataclass(frozen=True)
+class _Resources:
+    """Where decoding runs and what each labeling actor reserves (and uses)."""
+
+    plan: str  # "fused" or "split"
+    actor_cpus: float
+
+
+def _resources(config: LabelConfig) -> _Resources:
+    """--plan auto: fused on one machine without --gpu (no pixels through the object store:
+    fastest there, bench/README), split on a cluster of several nodes or a head without CPUs,
+    and with --gpu (the GPU's node alone cannot decode as fast as the GPU infers).
+
+    A fused actor decodes and infers in its threads: by default the actors share the machine's
+    CPUs but those kept for the small tasks. A split actor only infers: one CPU by default.
+    """
+    import ray
+
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    one_machine = len(nodes) == 1 and nodes[0]["Resources"].get("CPU", 0) > 0
+    plan = config.plan
+    if plan == "auto":
+        plan = "fused" if one_machine and not config.use_gpu else "split"
+    if config.actor_cpus is not None:
+        return _Resources(plan, config.actor_cpus)
+    if plan == "split":
+        return _Resources(plan, 1.0)
+    cpus = max(node["Resources"].get("CPU", 0) for node in nodes)
+    per_actor = (cpus - 2 * SMALL_TASK_CPUS) / config.actor_pool()[1]
+    return _Resources(plan, max(MIN_ACTOR_CPUS, per_actor))
 
 
 def _inside(inner: str, outer: str) -> bool:

@@ -1,14 +1,21 @@
-"""The labeling actor: reads, decodes and labels a batch of paths, and keeps it as a batch file.
+"""The labeling stages: the actor that labels a batch and keeps it as a batch file, and the
+decoding task that feeds it pixels when decoding runs apart from it.
 
-`dogbread label` (label.py) runs a pool of these actors over blocks of paths, each tagged with its
-shard; output.py commits a shard once all its batches are kept.
+`dogbread label` (label.py) runs them over blocks of paths, each tagged with its shard, in one of
+two plans: "fused", the actor reads and decodes its batch itself; "split", `decode_block` tasks
+read and decode on any node's CPUs and the actor receives pixels. output.py commits a shard once
+all its batches are kept.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
+import functools
+import math
 import os
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -28,9 +35,10 @@ S3_READ_THREADS = 16  # object reads wait on the network: a batch's reads overla
 class Labeler:
     """Reads, decodes and labels a batch of paths, and keeps it as one batch file per shard.
 
-    Decoding runs here, in threads, rather than in Ray tasks of its own: pixels never go through
-    the object store (memory stays flat whatever the number of images, and no CPU is spent
-    copying them), and the threads decode the next chunk while the model runs on this one.
+    A batch of paths (the fused plan) is read and decoded here, in threads: pixels never go
+    through the object store, and the threads decode the next chunk while the model runs on this
+    one. A batch that holds `pixels` (the split plan, from decode_block) is only labeled.
+    The actor runs as many threads as the CPUs it reserves (`cpus`), so Ray's accounting holds.
     Given a LiteRTModel, the actor never imports TensorFlow: it starts in a second, not ten.
     Two calls may run at once (see label._label): the pool and the model are safe to share.
     """
@@ -43,11 +51,12 @@ class Labeler:
         in_fs: pafs.FileSystem,
         threshold: float | None,
         out: Output,
+        cpus: float,
     ) -> None:
         from dogbread.model import ModelCard
 
         self.card = ModelCard.from_json(card_json)
-        threads = len(os.sched_getaffinity(0))
+        threads = max(1, math.ceil(cpus))  # not os.sched_getaffinity: a pod sees the host's cores
         if inference is None:
             self.model, self.card = _load_model_file(model_file, card_json)
         else:
@@ -57,14 +66,19 @@ class Labeler:
             S3_READ_THREADS if isinstance(in_fs, pafs.S3FileSystem) else threads
         )
         self.in_fs, self.threshold, self.out = in_fs, threshold, out
+        import ray
+
+        self.node, self.actor = _node_id(), ray.get_runtime_context().get_actor_id()
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         from dogbread.model import label_predictions, predict_probabilities
 
         paths = batch["path"].to_pylist()
         size, n = self.card.image_size, len(paths)
-        # In input order; the pool decodes ahead while the model runs on the chunk before.
-        decoded = self.pool.map(lambda path: _read_and_decode(self.in_fs, path, size), paths)
+        if "pixels" in batch.column_names:
+            decoded = _decoded_images(batch, size)
+        else:  # in input order; the pool decodes ahead while the model runs on the chunk before
+            decoded = self.pool.map(lambda path: _read_and_decode(self.in_fs, path, size), paths)
         errors: list[str | None] = [None] * n
         probs = np.zeros((n, len(self.card.class_names)), np.float32)
         for start in range(0, n, INFERENCE_CHUNK):
@@ -93,10 +107,69 @@ class Labeler:
         counts = pc.value_counts(shards)  # a block may hold the end of one shard, then another
         for shard in counts.field("values").to_pylist():
             write_batch(self.out, shard, table.filter(pc.equal(shards, shard)))
+        # Which nodes decoded and labeled these rows, for the summary: where the work ran.
+        split = "pixels" in batch.column_names
+        decoded_on = batch["decoded_on"].to_pylist() if split else [self.node] * n
+        done = collections.Counter(zip(shards.to_pylist(), decoded_on, strict=True))
         return {
-            "shard": counts.field("values").to_numpy(),
-            "rows": counts.field("counts").to_numpy(),
+            "shard": np.array([shard for shard, _ in done]),
+            "rows": np.array(list(done.values())),
+            "decoded_on": np.array([node for _, node in done]),
+            "labeled_on": np.array([self.node] * len(done)),
+            "actor": np.array([self.actor] * len(done)),
         }
+
+
+PIXELS_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("shard", pa.int64()),
+        ("pixels", pa.binary()),
+        ("error", pa.string()),
+        ("decoded_on", pa.string()),  # the Ray node id
+    ]
+)
+
+
+def decode_block(batch: pa.Table, in_fs: pafs.FileSystem, image_size: int) -> pa.Table:
+    """The split plan's decoding stage, a Ray Data task of one CPU: a block of paths in, the same
+    rows out with their pixels (image_size² x 3 bytes, RGB) or their error.
+
+    Decoding runs on the task's one thread; object reads, which wait on the network, overlap in
+    threads. These blocks are what crosses the object store to the labeling actors: ~192 KiB an
+    image at 256 px, bounded by Ray Data's backpressure.
+    """
+    paths = batch["path"].to_pylist()
+    if isinstance(in_fs, pafs.S3FileSystem):
+        contents = _read_pool().map(functools.partial(read_file, in_fs), paths)
+    else:
+        contents = (read_file(in_fs, path) for path in paths)
+    pixels: list[bytes | None] = []
+    errors: list[str | None] = []
+    for content in contents:
+        decoded = content if isinstance(content, str) else _decode(content, image_size)
+        pixels.append(None if isinstance(decoded, str) else decoded.tobytes())
+        errors.append(decoded if isinstance(decoded, str) else None)
+    columns = [batch["path"], batch["shard"], pa.array(pixels, pa.binary()), pa.array(errors)]
+    node = pa.array([_node_id()] * len(paths), pa.string())
+    return pa.Table.from_arrays([*columns, node], schema=PIXELS_SCHEMA)
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+@functools.cache
+def _read_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(S3_READ_THREADS)  # one per worker process, kept between tasks
+
+
+def _decoded_images(batch: pa.Table, size: int) -> Iterator[np.ndarray | str]:
+    """decode_block's rows back as images (or their errors), in order."""
+    for pixels, error in zip(batch["pixels"].to_pylist(), batch["error"].to_pylist(), strict=True):
+        yield error if pixels is None else np.frombuffer(pixels, np.uint8).reshape(size, size, 3)
 
 
 def _load_model_file(model_file: tuple[pafs.FileSystem, str], card_json: str) -> tuple[Any, Any]:
@@ -115,8 +188,10 @@ def _load_model_file(model_file: tuple[pafs.FileSystem, str], card_json: str) ->
 def _read_and_decode(fs: pafs.FileSystem, uri: str, size: int) -> np.ndarray | str:
     """The file's pixels, or its error ("<reason>: <detail>")."""
     content = read_file(fs, uri)
-    if isinstance(content, str):
-        return content
+    return content if isinstance(content, str) else _decode(content, size)
+
+
+def _decode(content: bytes, size: int) -> np.ndarray | str:
     try:
         return decode_image(content, size)
     except ImageDecodeError as exc:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dogbread.cli import build_parser, config_from_args
 from dogbread.config import (
@@ -285,3 +287,27 @@ def test_cli_manifest_writes_a_readable_manifest(tmp_path):
     )
     counts = {s: manifest.split(s).num_rows for s in ("train", "val", "test")}
     assert result.stdout.strip() == f"wrote 8 files to {out}: {counts}"
+
+
+@pytest.mark.parametrize(
+    "actors, pool", [("1", (1, 1)), ("4", (4, 4)), ("1:8", (1, 8)), (3, (3, 3)), ("2:2", (2, 2))]
+)
+def test_label_actors_is_a_fixed_pool_or_min_max(actors, pool, tmp_path):
+    path = tmp_path / "label.yaml"
+    path.write_text(yaml.safe_dump({"model": "m", "input": "i", "output": "o", "actors": actors}))
+    assert load_config(LabelConfig, str(path)).actor_pool() == pool
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"actors": "0"}, "actors must be at least 1, and MIN at most MAX"),
+        ({"actors": "4:2"}, "actors must be at least 1, and MIN at most MAX"),
+        ({"actors": "many"}, "actors must be N or MIN:MAX, got 'many'"),
+        ({"plan": "gpu"}, "plan must be auto or fused or split"),
+        ({"actor_cpus": 0}, "actor_cpus must be positive"),
+    ],
+)
+def test_label_pool_and_plan_errors_are_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        LabelConfig(model="m", input="i", output="o", **overrides)

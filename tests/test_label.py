@@ -112,6 +112,45 @@ def test_every_input_is_one_row_of_the_stable_schema(labeled, inputs):
     assert config["input"] == inputs["root"] and config["batch_size"] == 16
 
 
+def test_one_machine_runs_the_fused_plan_its_actor_using_the_cpus_it_reserves(labeled):
+    # auto on a local Ray of 2 CPUs: one actor decodes and labels, with all but the small
+    # tasks' 0.5 CPU reserved (rounded up, its 2 threads); it did all the work on this node.
+    plan = labeled["summary"]["plan"]
+    assert (plan["decode"], plan["actor_cpus"], plan["actors"]) == ("fused", 1.5, 1)
+    (node,) = plan["images_by_node"]["labeled"]
+    assert plan["images_by_node"] == {"decoded": {node: 64}, "labeled": {node: 64}}
+
+
+def test_split_plan_and_a_growing_pool_label_as_the_fused_plan_does(
+    labeled, inputs, small_model_dir, tmp_path
+):
+    # Split: decoding tasks of one CPU, the actors only label, in a pool of one to three
+    # (quarter-CPU actors: three fit beside a decoding task). Ray Data grows it only while the
+    # actors are the bottleneck, which 64 small images do not make them: not asserted here.
+    config = LabelConfig(
+        model=small_model_dir,
+        input=inputs["root"],
+        output=str(tmp_path / "split"),
+        batch_size=2,
+        plan="split",
+        actors="1:3",
+        actor_cpus=0.25,
+    )
+    summary = label.run(config)
+    assert summary["plan"]["decode"] == "split" and 1 <= summary["plan"]["actors"] <= 3
+    for key in ("images", "labeled", "labels", "errors", "skipped_hidden"):
+        assert summary[key] == labeled["summary"][key], key
+    fused = {r["path"]: r for r in read_rows(labeled["out"]).to_pylist()}
+    split = {r["path"]: r for r in read_rows(tmp_path / "split").to_pylist()}
+    assert split.keys() == fused.keys()
+    for path, row in split.items():
+        assert row["label"] == fused[path]["label"], path
+        assert (row["error"] or "").split(":")[0] == (fused[path]["error"] or "").split(":")[0]
+        if row["probabilities"] is not None:
+            expected = fused[path]["probabilities"]
+            np.testing.assert_allclose(row["probabilities"], expected, atol=1e-5)
+
+
 def test_bad_files_become_rows_with_their_reason(labeled, inputs):
     rows = {r["path"]: r for r in read_rows(labeled["out"]).to_pylist()}
     for path, reason in inputs["expected"].items():
