@@ -36,6 +36,7 @@ BENCHMARKS: list[tuple[str, str, list[str], list[str] | None]] = [
     ),
     ("label_memory", "label_memory", [], ["--images", "40", "80"]),
     ("startup", "startup", [], ["--images", "40", "--runs", "1"]),
+    ("label_sizing", "label_sizing", [], ["--images", "64", "--large-images", "2"]),
     ("label_plan", "label_plan", [], ["--smoke"]),
     ("label_report", "label_report", [], ["--smoke"]),
     (
@@ -158,6 +159,9 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             f"| {startup['first_batch_seconds']} s (runs: {startup['first_batch_seconds_runs']}) "
             f"| | {startup['machine']['load_average'][0]:.1f} |"
         )
+    sizing = results.get("label_sizing")
+    if sizing:
+        rows.append(_sizing_row(sizing))
     for name, *_ in ACCURACY:
         accuracy = results.get(name)
         if not accuracy:
@@ -174,6 +178,22 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             f"recall {accuracy['recall']} (seed notebook: 0.967, 0.984, 0.936) | ≥ 0.97 | |"
         )
     return "\n".join(rows)
+
+
+def _sizing_row(sizing: dict[str, Any]) -> str:
+    """The row of bench/label_sizing.py: stage rates per core, and the cores that feed a GPU."""
+    block, litert = sizing["decode_block_per_core"], sizing["litert_images_per_second"]
+    gpus = sizing["sizing"]
+    rates = "/".join(str(s["gpu_images_per_second"]) for s in gpus)
+    cores = {k: "/".join(str(s[f"cores_per_gpu_{k}"]) for s in gpus) for k in ("256", "12mp")}
+    threads = " / ".join(f"{rate} ({t} thr.)" for t, rate in litert.items())
+    return (
+        "| sizing a cluster: the decoding task per core, 256 px / 12 MP JPEGs; LiteRT; cores "
+        f"per GPU | decoding {block['small_256']} / {block['large_12mp']} img/s · LiteRT "
+        f"{threads} img/s · {sizing['bytes_per_image_256']:,.0f} bytes an image in the object "
+        f"store · cores per GPU at {rates} img/s: {cores['256']} (256 px), {cores['12mp']} "
+        f"(12 MP) | | {sizing['machine']['load_average'][0]:.1f} |"
+    )
 
 
 def _plan_row(plan: dict[str, Any]) -> str:

@@ -71,6 +71,18 @@ def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
     assert memory["rss_growth"] > 0 and memory["pss_growth"] > 0
     startup = found["startup"]
     assert 0 < startup["first_batch_seconds"] <= startup["wall_seconds"]
+    sizing = found["label_sizing"]  # 64 images of 256 px, 2 of 12 MP
+    assert sizing["images"] == {"small_256": 64, "large_12mp": 2}
+    for key in ("decode_per_core", "decode_block_per_core"):
+        assert sizing[key]["small_256"] > sizing[key]["large_12mp"] > 0
+    assert 196_608 < sizing["bytes_per_image_256"] < 197_000  # the pixels and the path
+    assert set(sizing["litert_images_per_second"]) == set(sizing["litert_per_core"]) == {"1", "2"}
+    assert sizing["litert_per_core"]["2"] == round(sizing["litert_images_per_second"]["2"] / 2, 1)
+    assert all(rate > 0 for rate in sizing["litert_per_core"].values())
+    assert [s["gpu_images_per_second"] for s in sizing["sizing"]] == [1000, 2000, 5000]
+    for row in sizing["sizing"]:
+        assert 1 <= row["cores_per_gpu_256"] <= row["cores_per_gpu_12mp"]
+        assert row["object_store_mib_per_second"] > 0
     plan = found["label_plan"]  # --smoke: 20,000 keys in 4 files of an S3 Inventory, 4 shards
     (planned,) = plan["runs"].values()
     assert planned["ok"] and planned["exit_code"] == 0 and all(planned["checks"].values())
@@ -97,6 +109,7 @@ def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
         and "growth" in text
         and "--workers 1" in text
         and "planning an S3 Inventory" in text
+        and "cores per GPU at" in text
         and combined["generated"] in text
     )
 
