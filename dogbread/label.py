@@ -22,31 +22,30 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import logging
 import os
 import sys
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from dogbread import output, plan, storage, worklist
+from dogbread import output, pipeline, plan, storage, worklist
 from dogbread.config import LabelConfig, dump_config
 from dogbread.errors import ConfigError
-from dogbread.labeler import Labeler, decode_block
+from dogbread.labeler import Labeler
 from dogbread.output import Output, by_kind
+from dogbread.pipeline import Job
 from dogbread.plan import Plan
 
 log = logging.getLogger(__name__)
 
 LOCAL = pafs.LocalFileSystem()
-SMALL_TASK_CPUS = 0.25  # expanding a shard's paths, committing a shard: mostly waiting on I/O
-DECODE_CPUS = 1.0  # a decode_block task decodes on one thread
-MIN_ACTOR_CPUS = 0.5  # a fused actor's share when many share a small machine
 
 
 def run(config: LabelConfig) -> dict[str, Any]:
@@ -69,26 +68,40 @@ def run(config: LabelConfig) -> dict[str, Any]:
             output.set_aside_legacy_sidecars(out)
         out.write(output.CONFIG, dump_config(config).encode())
     markers = output.read_markers(out) if planned else {}
-    needed = planned is None or (not config.dry_run and bool(_todo(planned, markers)))
-    with _ray_session(needed) as ray_started:
-        shards = planned or plan.make(
-            work, out, legacy, card.model_version, config.rows_per_file, not config.dry_run
-        )
+    shards = planned
+    if shards is None and plan.in_driver(work, legacy):  # a small job plans before Ray starts
+        shards = _plan(config, work, out, legacy, card.model_version)
+    if config.dry_run and shards:
         pending = _pending(out, _todo(shards, markers))
-        if config.dry_run:
-            return _print_dry_run(shards, markers, pending, planned is not None, started)
+        return _print_dry_run(shards, markers, pending, planned is not None, started)
+    todo = _todo(shards, markers) if shards else None  # None: known once planned, with Ray
+    labeling = not config.dry_run and todo != {}
+    inference = _inference_model(model, config.use_gpu) if labeling else None
+    pending = _pending(out, todo) if todo else {}  # before the driver labels any of it
+    meanwhile = _driver_labeling(
+        config, shards, markers, pending, out, (model_file, card, inference)
+    )
+    with _ray_session(shards is None or labeling, meanwhile) as ray_started:
+        if shards is None:
+            shards = _plan(config, work, out, legacy, card.model_version)
+            pending = _pending(out, _todo(shards, markers))
+            if config.dry_run:
+                return _print_dry_run(shards, markers, pending, planned is not None, started)
+        labeled = sum(pending.values())  # by this run, the driver's first batches included
         labeling_started, resources = time.monotonic(), None
-        if pending:
+        if pending:  # shards to do; one a killed run kept whole is only committed
             in_fs = storage.s3_filesystem(config.s3_endpoint) if shards.on_s3 else LOCAL
-            inference = _inference_model(model, config.use_gpu)
-            resources = _resources(config)
-            job = _Job(
+            resources = pipeline.resources(config)
+            job = Job(
                 config, shards, in_fs, out, model_file, card, inference, ray_started, resources
             )
+            pending = _pending(out, _todo(shards, markers))  # less what the driver labeled
             new_markers, where = _label(job, pending, retried={s for s in pending if s in markers})
             markers |= new_markers
+            in_driver = labeled - sum(pending.values())
+            for counts in where["images_by_node"].values() if in_driver else ():
+                counts["driver"] = in_driver  # while Ray started
         labeling_seconds = time.monotonic() - labeling_started
-    labeled = sum(pending.values())
     summary = _summary(config, out, shards, markers, labeled, labeling_seconds, started)
     if resources:  # how this run labeled, as resolved from --plan, --actors and --actor-cpus
         summary["plan"] = {
@@ -105,6 +118,36 @@ def run(config: LabelConfig) -> dict[str, Any]:
 
         try_write_report(config.output, config.s3_endpoint)
     return summary
+
+
+def _plan(
+    config: LabelConfig, work: worklist.WorkList, out: Output, legacy: list[str], version: str
+) -> Plan:
+    return plan.make(work, out, legacy, version, config.rows_per_file, not config.dry_run)
+
+
+def _driver_labeling(
+    config: LabelConfig,
+    shards: Plan | None,
+    markers: dict[int, dict],
+    pending: dict[int, int],
+    out: Output,
+    model: tuple[tuple[pafs.FileSystem, str], Any, Any],
+) -> Callable[[threading.Event], None] | None:
+    """What the driver does while it starts a local Ray: label the first shard's first batches,
+    when the fused plan will run (a local Ray is one machine) with a LiteRT model."""
+    import ray
+
+    local = not ray.is_initialized() and os.environ.get("RAY_ADDRESS", "") in ("", "local")
+    fused = config.plan != "split" and not config.use_gpu
+    shard = next((s for s, n in pending.items() if n and s not in markers), None)
+    model_file, card, inference = model  # inference: a LiteRTModel, or None
+    if not (local and fused and inference is not None and shards and shard is not None):
+        return None
+    in_fs = storage.s3_filesystem(config.s3_endpoint) if shards.on_s3 else LOCAL
+    cpus = pipeline.fused_actor_cpus(len(os.sched_getaffinity(0)), config)
+    labeler = Labeler(model_file, card.to_json(), inference, in_fs, config.threshold, out, cpus)
+    return functools.partial(pipeline.label_in_driver, labeler, out, shard, config.batch_size)
 
 
 def read_labels(output_uri: str, s3_endpoint: str | None = None) -> pa.Table:
@@ -141,9 +184,12 @@ def _pending(out: Output, todo: dict[int, int]) -> dict[int, int]:
 
 
 @contextlib.contextmanager
-def _ray_session(needed: bool) -> Iterator[str | None]:
+def _ray_session(
+    needed: bool, meanwhile: Callable[[threading.Event], None] | None = None
+) -> Iterator[str | None]:
     """Ray up for the block when `needed` (a finished output is not worth starting Ray for);
-    yields what ensure_ray says: "local" (a Ray of our own), "joined" or None (up already)."""
+    yields what ensure_ray says: "local" (a Ray of our own), "joined" or None (up already).
+    `meanwhile(stop)` runs in a thread while Ray starts, and is stopped once it is up."""
     if not needed:
         yield None
         return
@@ -154,13 +200,39 @@ def _ray_session(needed: bool) -> Iterator[str | None]:
     # A Ray started here (not one joined) would prestart a Python worker per CPU that nothing
     # uses; on a small machine booting them (~1.5 s of CPU each) delays our actors by seconds.
     os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
-    started = ensure_ray()
+    with _in_background(meanwhile):
+        started = ensure_ray()  # in this thread: Ray's processes die with the thread that forked
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         yield started
     finally:
         if started:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def _in_background(work: Callable[[threading.Event], None] | None) -> Iterator[None]:
+    """Run `work(stop)` in a thread for the block; then set stop, wait, and raise its error."""
+    if work is None:
+        yield
+        return
+    stop, failed = threading.Event(), []
+
+    def guarded() -> None:
+        try:
+            work(stop)
+        except BaseException as exc:  # raised in the caller's thread below
+            failed.append(exc)
+
+    thread = threading.Thread(target=guarded, name="dogbread-label-in-driver", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    if failed:
+        raise failed[0]
 
 
 def _print_dry_run(
@@ -216,23 +288,8 @@ def _summary(
     }
 
 
-@dataclass(frozen=True)
-class _Job:
-    """What the labeling stages need, resolved once."""
-
-    config: LabelConfig
-    shards: Plan
-    in_fs: pafs.FileSystem
-    out: Output
-    model_file: tuple[pafs.FileSystem, str]
-    card: Any
-    inference: Any  # a LiteRTModel, or None: each actor loads the Keras model itself
-    ray_started: str | None  # as ensure_ray said
-    resources: _Resources
-
-
 def _label(
-    job: _Job, pending: dict[int, int], retried: set[int]
+    job: Job, pending: dict[int, int], retried: set[int]
 ) -> tuple[dict[int, dict], dict[str, Any]]:
     """Label the pending rows of the shards to do (`retried`: committed shards whose failed reads
     are labeled again) and commit each shard once all its rows are kept; return the new markers,
@@ -246,32 +303,22 @@ def _label(
             raise ConfigError("--gpu needs a GPU, and the local Ray has none: drop --gpu")
         # Not an error: an autoscaling cluster adds GPU nodes once the actors ask for them.
         log.warning("no GPU in the Ray cluster yet: the labeling actors wait for one")
-    commit = ray.remote(num_cpus=SMALL_TASK_CPUS)(output.commit_shard)
+    commit = ray.remote(num_cpus=pipeline.SMALL_TASK_CPUS)(output.commit_shard)
 
     def commit_shard(shard: int) -> Any:
         rows = job.shards.shards[shard]["rows"]
         return commit.remote(out, shard, rows, config.partition_by, job.shards.model_version)
 
     commits = [commit_shard(s) for s, n in pending.items() if not n]  # kept whole by a killed run
-    shard_items = [{"shard": s} for s, n in pending.items() if n]
-    ds = ray.data.from_items(shard_items, override_num_blocks=max(1, len(shard_items)))
-    ds = ds.map_batches(
-        plan.paths_to_label,
-        batch_size=1,  # a shard a task: its paths are read once, then go on in blocks
-        batch_format="pyarrow",
-        fn_kwargs={"out": out, "retried": retried},
-        num_cpus=SMALL_TASK_CPUS,
-    )
-    ds = _labeling_stages(job, _in_batches(ds, config.batch_size))
-    # This dataset's own copy of the context: Ray's bars would fight with our line.
-    ds.context.enable_progress_bars = ds.context.print_on_execution_start = False
+    shards = [s for s, n in pending.items() if n]
+    ds = pipeline.dataset(job, shards, retried)
     remaining, total, committing = dict(pending), sum(pending.values()), set()
     nodes = {"decoded": collections.Counter(), "labeled": collections.Counter()}
     actors: set[str] = set()
     print(f"labeling {total} images", file=sys.stderr, flush=True)
     start = shown = time.monotonic()
     finished, every = 0, 0.5 if sys.stderr.isatty() else 10.0
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow") if shard_items else []:
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow") if shards else []:
         actors.update(batch["actor"].to_pylist())
         for shard, n, decoded_on, labeled_on in zip(
             *(batch[c].to_pylist() for c in ("shard", "rows", "decoded_on", "labeled_on")),
@@ -292,91 +339,6 @@ def _label(
         "images_by_node": {stage: dict(counts) for stage, counts in nodes.items()},
         "actors": len(actors),  # labeling actors that labeled a batch: how far the pool grew
     }
-
-
-def _in_batches(ds: Any, rows: int) -> Any:
-    """`ds` in blocks of `rows` rows, re-cut in the tasks that made them.
-
-    Ray Data buffers what a task yields into blocks of up to 128 MiB: a shard would reach one
-    actor as one block. Blocks of a batch each spread the work over the pool and keep progress.
-    The repartition would run as tasks of its own, and Ray Data gives those a whole CPU, which a
-    machine whose actors hold all but the small tasks' share never has free: the job would wait
-    forever. Given the small tasks' resources it fuses into them (Ray 2.60's repartition takes no
-    resource arguments, hence the one private field).
-    """
-    ds = ds.repartition(target_num_rows_per_block=rows)
-    ds._logical_plan.dag.ray_remote_args["num_cpus"] = SMALL_TASK_CPUS
-    return ds
-
-
-def _labeling_stages(job: _Job, ds: Any) -> Any:
-    """Blocks of paths ─► (split plan: decode_block tasks on any node's CPUs ─►) the Labeler
-    pool, which labels and keeps each block; yields {shard, rows} per kept batch."""
-    import ray
-
-    config, resources = job.config, job.resources
-    if resources.plan == "split":
-        ds = ds.map_batches(
-            decode_block,
-            batch_format="pyarrow",
-            fn_kwargs={"in_fs": job.in_fs, "image_size": job.card.image_size},
-            num_cpus=DECODE_CPUS,
-        )
-    low, high = config.actor_pool()
-    labeler_args = (job.model_file, job.card.to_json(), job.inference, job.in_fs, config.threshold)
-    return ds.map_batches(
-        Labeler,
-        # A block is a batch. Ray refuses GPU map_batches without a batch_size; the blocks
-        # already hold that many rows, so it is the same batching.
-        batch_size=config.batch_size if config.use_gpu else None,
-        batch_format="pyarrow",
-        # Two batches in flight per actor: one's decoding and Parquet write overlap the
-        # other's model calls (~7% more images/s here); the model runs one call at a time.
-        # Not on GPUs, where two Keras calls at once would need twice the GPU memory.
-        # min < max: Ray Data adds actors while blocks wait for one, up to max, and removes
-        # idle ones; on an autoscaling cluster, actors that do not fit bring up nodes.
-        compute=ray.data.ActorPoolStrategy(
-            min_size=low,
-            max_size=high,
-            max_concurrent_calls_per_actor=1 if config.use_gpu else 2,
-            enable_true_multi_threading=not config.use_gpu,
-        ),
-        num_cpus=resources.actor_cpus,
-        num_gpus=1 if config.use_gpu else 0,
-        fn_constructor_args=(*labeler_args, job.out, resources.actor_cpus),
-    )
-
-
-@dataclass(frozen=True)
-class _Resources:
-    """Where decoding runs and what each labeling actor reserves (and uses)."""
-
-    plan: str  # "fused" or "split"
-    actor_cpus: float
-
-
-def _resources(config: LabelConfig) -> _Resources:
-    """--plan auto: fused on one machine without --gpu (no pixels through the object store:
-    fastest there, bench/README), split on a cluster of several nodes or a head without CPUs,
-    and with --gpu (the GPU's node alone cannot decode as fast as the GPU infers).
-
-    A fused actor decodes and infers in its threads: by default the actors share the machine's
-    CPUs but those kept for the small tasks. A split actor only infers: one CPU by default.
-    """
-    import ray
-
-    nodes = [node for node in ray.nodes() if node["Alive"]]
-    one_machine = len(nodes) == 1 and nodes[0]["Resources"].get("CPU", 0) > 0
-    plan = config.plan
-    if plan == "auto":
-        plan = "fused" if one_machine and not config.use_gpu else "split"
-    if config.actor_cpus is not None:
-        return _Resources(plan, config.actor_cpus)
-    if plan == "split":
-        return _Resources(plan, 1.0)
-    cpus = max(node["Resources"].get("CPU", 0) for node in nodes)
-    per_actor = (cpus - 2 * SMALL_TASK_CPUS) / config.actor_pool()[1]
-    return _Resources(plan, max(MIN_ACTOR_CPUS, per_actor))
 
 
 def _inside(inner: str, outer: str) -> bool:

@@ -68,7 +68,10 @@ class Labeler:
         self.in_fs, self.threshold, self.out = in_fs, threshold, out
         import ray
 
-        self.node, self.actor = _node_id(), ray.get_runtime_context().get_actor_id()
+        # Where it runs, for the summary; a Labeler in the driver (label.py) runs before Ray does.
+        context = ray.get_runtime_context() if ray.is_initialized() else None
+        self.node = context.get_node_id() if context else "driver"
+        self.actor = (context.get_actor_id() if context else None) or "driver"
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         from dogbread.model import label_predictions, predict_probabilities

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 EXPAND_ROWS = 65_536  # paths a block as a shard's paths are read to be labeled
 SPLIT_CPUS = 0.5  # per task of either round: two run on each core, reading overlaps hashing
+# A manifest of up to this many paths (~7 MB of them) is planned in the driver: it needs no Ray,
+# so that a small job plans while Ray starts rather than after.
+DRIVER_PLAN_ROWS = 100_000
 
 PLAN_FILE = "plan.json"
 PLAN_ROW = pa.schema(
@@ -115,7 +118,8 @@ def make(
     rows_per_file: int,
     write: bool,
 ) -> Plan:
-    """Plan the shards (Ray must be up); write them and plan.json into `out` if `write`."""
+    """Plan the shards (Ray must be up unless in_driver(work, legacy)); write them and plan.json
+    into `out` if `write`."""
     started = time.monotonic()
     try:
         records = _plan_shards(work, out, legacy, rows_per_file, write)
@@ -128,6 +132,11 @@ def make(
     return plan
 
 
+def in_driver(work: WorkList, legacy: list[str]) -> bool:
+    """Whether `make` plans in this process, without Ray: a small manifest, no legacy parts."""
+    return work.is_manifest and not legacy and work.estimated_rows() <= DRIVER_PLAN_ROWS
+
+
 def _plan_shards(
     work: WorkList, out: Output, legacy: list[str], rows_per_file: int, write: bool
 ) -> list[dict[str, Any]]:
@@ -136,16 +145,21 @@ def _plan_shards(
     shard gathers its pieces from them all. The rows wait in the object store, spread over the
     cluster, never in one process. Ray Data's groupby did the same in 2x the time here (notes in
     bench/README.md)."""
-    import ray
-
     sources, rows = work.sources()
     n_shards = max(1, math.ceil(rows / rows_per_file))
+    writes_to = out if write else None
+    if in_driver(work, legacy):  # the same two rounds, here
+        pieces = [_split(work, n_shards, source) for source in sources]
+        pieces = [p if n_shards > 1 else [p] for p in pieces]
+        records = [_plan_shard(s, writes_to, *(p[s] for p in pieces)) for s in range(n_shards)]
+        return [record for record in records if record]
+    import ray
+
     split = ray.remote(num_cpus=SPLIT_CPUS, num_returns=n_shards)(_split)
     pieces = [split.remote(work, n_shards, source) for source in sources]
     pieces += [split.remote(out, n_shards, path) for path in legacy]
     pieces = [p if n_shards > 1 else [p] for p in pieces]  # one return: a ref, not a list
     plan_shard = ray.remote(num_cpus=SPLIT_CPUS)(_plan_shard)
-    writes_to = out if write else None
     records = [
         plan_shard.remote(shard, writes_to, *(p[shard] for p in pieces))
         for shard in range(n_shards)

@@ -318,6 +318,31 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, inputs, capsys):
     assert len(err) == 1 and err[0].startswith("dogbread: error: no model at")
 
 
+def test_a_small_job_labels_its_first_batches_while_its_ray_starts(
+    labeled, inputs, small_model_dir, tmp_path
+):
+    # A manifest this small is planned in the driver, which then labels batches itself until
+    # the Ray it starts is up; Ray's actors label the rest. Every input still gets one row.
+    manifest = tmp_path / "paths.csv"
+    manifest.write_text("path\n" + "".join(f"{p}\n" for p in sorted(inputs["expected"])))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "dogbread", "label", "--model", small_model_dir]
+    command += ["--input", str(manifest), "--output", str(out), "--batch-size", "4"]
+    env = {**os.environ, "PYTHONPATH": str(PROJECT), "RAY_ADDRESS": "local"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout[done.stdout.index("{") :])
+    assert summary["complete"] and summary["labeled"] == summary["images"] == 64
+    assert summary["errors"] == labeled["summary"]["errors"]
+    by_node = summary["plan"]["images_by_node"]
+    assert 0 < by_node["labeled"]["driver"] <= 64
+    assert sum(by_node["labeled"].values()) == 64
+    rows = {r["path"]: r for r in read_rows(out).to_pylist()}
+    fused = {r["path"]: r for r in read_rows(labeled["out"]).to_pylist()}
+    assert rows.keys() == fused.keys()
+    assert all(rows[p]["label"] == fused[p]["label"] for p in rows)
+
+
 def _session_alive(session: int) -> bool:
     """Whether any live (non-zombie) process still belongs to this session."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
