@@ -253,19 +253,28 @@ def run_label(
     if process.returncode != 0:
         raise RuntimeError(f"dogbread label exited {process.returncode}:\n{err[-3000:]}")
     summary = json.loads(out[out.index("{") :])
+    by_node = summary.get("plan", {}).get("images_by_node", {})
+    in_driver = by_node.get("labeled", {}).get("driver", 0)  # kept while Ray started
     return {
         "wall_seconds": round(wall, 2),
         "images_per_second_wall": round(summary["labeled"] / wall, 1),
         "images_per_second_summary": summary["images_per_second"],
-        "images_per_second_steady": _steady_rate(sorted(batches.values())),
+        "images_per_second_steady": _steady_rate(sorted(batches.values()), in_driver),
         "first_batch_seconds": round(first_part, 2) if first_part is not None else None,
         "summary": {k: summary[k] for k in ("labeled", "labels", "errors", "labeling_seconds")},
         **peaks,
     }
 
 
-def _steady_rate(batches: list[tuple[float, int]]) -> float | None:
-    """Images/s between the first and the last batch kept: start-up and shutdown left out."""
+def _steady_rate(batches: list[tuple[float, int]], in_driver: int) -> float | None:
+    """Images/s of Ray's pipeline, from its first batch to its last: start-up left out.
+
+    The driver of a small job keeps the first `in_driver` rows while Ray starts, in batches
+    written before any of Ray's (it stops when Ray is up); they and the gap before Ray's first
+    batch are left out too.
+    """
+    while batches and in_driver > 0:
+        in_driver -= batches.pop(0)[1]
     if len(batches) < 2:
         return None
     rows = sum(n for _, n in batches[1:])

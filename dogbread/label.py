@@ -3,7 +3,8 @@
 A job is cut into shards once (plan.py): fixed sets of input paths, ~rows_per_file each. Then:
 
     shards to do ─► expand: a shard's paths (less those already kept) in blocks of batch_size
-              ─► Labeler actors: read, decode and label a block, keep it as a batch file
+              ─► Labeler actors: label a block (decoded by them, or by CPU tasks before them:
+                 the plans of pipeline.py), keep it as a batch file
               ─► the driver counts rows per shard; a shard complete ─► commit (a Ray task):
                  its data file(s), then its marker (output.py)
 

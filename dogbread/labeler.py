@@ -53,6 +53,8 @@ class Labeler:
         out: Output,
         cpus: float,
     ) -> None:
+        import ray
+
         from dogbread.model import ModelCard
 
         self.card = ModelCard.from_json(card_json)
@@ -66,22 +68,39 @@ class Labeler:
             S3_READ_THREADS if isinstance(in_fs, pafs.S3FileSystem) else threads
         )
         self.in_fs, self.threshold, self.out = in_fs, threshold, out
-        import ray
-
         # Where it runs, for the summary; a Labeler in the driver (label.py) runs before Ray does.
         context = ray.get_runtime_context() if ray.is_initialized() else None
         self.node = context.get_node_id() if context else "driver"
         self.actor = (context.get_actor_id() if context else None) or "driver"
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        paths = batch["path"].to_pylist()
+        if "pixels" in batch.column_names:
+            decoded = _decoded_images(batch, self.card.image_size)
+        else:  # in input order; the pool decodes ahead while the model runs on the chunk before
+            size = self.card.image_size
+            decoded = self.pool.map(lambda path: _read_and_decode(self.in_fs, path, size), paths)
+        table = self._labeled(paths, decoded)
+        shards = batch["shard"].combine_chunks()
+        for shard in pc.unique(shards).to_pylist():  # a block may end one shard, start the next
+            write_batch(self.out, shard, table.filter(pc.equal(shards, shard)))
+        # Which nodes decoded and labeled these rows, for the summary: where the work ran.
+        split = "pixels" in batch.column_names
+        decoded_on = batch["decoded_on"].to_pylist() if split else [self.node] * len(paths)
+        done = collections.Counter(zip(shards.to_pylist(), decoded_on, strict=True))
+        return {
+            "shard": np.array([shard for shard, _ in done]),
+            "rows": np.array(list(done.values())),
+            "decoded_on": np.array([node for _, node in done]),
+            "labeled_on": np.array([self.node] * len(done)),
+            "actor": np.array([self.actor] * len(done)),
+        }
+
+    def _labeled(self, paths: list[str], decoded: Iterator[np.ndarray | str]) -> pa.Table:
+        """The output rows of `paths`, given their images (or errors) in order."""
         from dogbread.model import label_predictions, predict_probabilities
 
-        paths = batch["path"].to_pylist()
-        size, n = self.card.image_size, len(paths)
-        if "pixels" in batch.column_names:
-            decoded = _decoded_images(batch, size)
-        else:  # in input order; the pool decodes ahead while the model runs on the chunk before
-            decoded = self.pool.map(lambda path: _read_and_decode(self.in_fs, path, size), paths)
+        n = len(paths)
         errors: list[str | None] = [None] * n
         probs = np.zeros((n, len(self.card.class_names)), np.float32)
         for start in range(0, n, INFERENCE_CHUNK):
@@ -102,25 +121,10 @@ class Labeler:
             labels[i], scores[i], probabilities[i] = ok_labels[j], ok_scores[j], probs[i]
         version, now = [self.card.model_version] * n, [dt.datetime.now(dt.UTC)] * n
         columns = [paths, labels, scores, probabilities, version, errors, now]
-        table = pa.Table.from_arrays(
+        return pa.Table.from_arrays(
             [pa.array(c, f.type) for c, f in zip(columns, OUTPUT_SCHEMA, strict=True)],
             schema=OUTPUT_SCHEMA,
         )
-        shards = batch["shard"].combine_chunks()
-        counts = pc.value_counts(shards)  # a block may hold the end of one shard, then another
-        for shard in counts.field("values").to_pylist():
-            write_batch(self.out, shard, table.filter(pc.equal(shards, shard)))
-        # Which nodes decoded and labeled these rows, for the summary: where the work ran.
-        split = "pixels" in batch.column_names
-        decoded_on = batch["decoded_on"].to_pylist() if split else [self.node] * n
-        done = collections.Counter(zip(shards.to_pylist(), decoded_on, strict=True))
-        return {
-            "shard": np.array([shard for shard, _ in done]),
-            "rows": np.array(list(done.values())),
-            "decoded_on": np.array([node for _, node in done]),
-            "labeled_on": np.array([self.node] * len(done)),
-            "actor": np.array([self.actor] * len(done)),
-        }
 
 
 PIXELS_SCHEMA = pa.schema(

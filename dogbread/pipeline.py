@@ -24,6 +24,7 @@ from dogbread.plan import Plan
 SMALL_TASK_CPUS = 0.25  # expanding a shard's paths, committing a shard: mostly waiting on I/O
 DECODE_CPUS = 1.0  # a decode_block task decodes on one thread
 MIN_ACTOR_CPUS = 0.5  # a fused actor's share when many share a small machine
+SPLIT_ACTOR_CPUS = 1.0  # a split actor only infers (or feeds its GPU)
 
 
 def dataset(job: Job, shards: list[int], retried: set[int]) -> Any:
@@ -64,7 +65,7 @@ def _in_batches(ds: Any, rows: int) -> Any:
 
 def _labeling_stages(job: Job, ds: Any) -> Any:
     """Blocks of paths ─► (split plan: decode_block tasks on any node's CPUs ─►) the Labeler
-    pool, which labels and keeps each block; yields {shard, rows} per kept batch."""
+    pool, which labels and keeps each block; yields the Labeler's counts per kept batch."""
     import ray
 
     config, resources = job.config, job.resources
@@ -123,10 +124,8 @@ def resources(config: LabelConfig) -> Resources:
     plan = config.plan
     if plan == "auto":
         plan = "fused" if one_machine and not config.use_gpu else "split"
-    if config.actor_cpus is not None:
-        return Resources(plan, config.actor_cpus)
     if plan == "split":
-        return Resources(plan, 1.0)
+        return Resources(plan, config.actor_cpus or SPLIT_ACTOR_CPUS)
     cpus = max(node["Resources"].get("CPU", 0) for node in nodes)
     return Resources(plan, fused_actor_cpus(cpus, config))
 
