@@ -1,8 +1,9 @@
 """Start-up of `dogbread label`: seconds from the command's start to its first labeled batch.
 
-A part is committed as soon as its batch is labeled, so the first Parquet part appearing in the
-output marks the first labeled batch (common.run_label polls for it). A short input of 256x256
-images, several runs, the median. Prints one JSON object.
+Each labeled batch is kept as a file under the output's `_dogbread/batches/` as soon as it is
+labeled, so the first one to appear marks the first labeled batch (common.run_label polls for
+it). On this short manifest of 256x256 images the driver plans and keeps the first batches itself
+while Ray starts (dogbread/label.py). Several runs, the median. Prints one JSON object.
 
     python bench/startup.py [--images 512] [--runs 3]
 """
