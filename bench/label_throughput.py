@@ -1,11 +1,15 @@
 """Labeling throughput, side by side on the same images: (a) the seed's loop, (b) the fastest
-pipeline without Ray (bench/local_pipeline.py), (c) `dogbread label` as a user runs it.
+pipeline without Ray (bench/local_pipeline.py), (c) `dogbread label` as a user runs it, and on
+the 256 px set (d) `dogbread label --plan split`.
 
 Two image sets: N synthetic JPEGs of 256x256, and N/10 photo-sized ones of 4000x3000 (see
-common.py). (b) and (c) are whole programs timed from start to exit, so both pay for importing
-TensorFlow and converting the model; (c) also starts Ray. Their steady rates leave the start-up
-out: (b)'s from its own clock, (c)'s from the times its Parquet parts appeared. (a) times its loop
-only, on the first --seed-images images (it is ~40x slower). Prints one JSON object.
+common.py). (b), (c) and (d) are whole programs timed from start to exit, so all pay for loading
+the model; (c) and (d) also start Ray. Their steady rates leave the start-up out: (b)'s from its
+own clock, (c)'s and (d)'s from the times their Parquet parts appeared. (a) times its loop only,
+on the first --seed-images images (it is ~40x slower). (c) runs the default plan, which on one
+machine without --gpu is fused (the labeling actor reads, decodes and infers); (d) decodes in
+Ray Data tasks of one CPU and passes the pixels through the object store to the actor, which only
+infers: split/fused is the measurement that default is chosen by. Prints one JSON object.
 
     python bench/label_throughput.py [--images 10000] [--large-images 1000] [--repeat 1]
 """
@@ -41,7 +45,24 @@ def run_script(name: str, *args: str) -> tuple[float, dict[str, Any]]:
     return wall, json.loads(done.stdout[done.stdout.index("{") :])
 
 
-def measure(spec: common.ImageSet, count: int, seed_count: int, repeat: int, work: Path) -> dict:
+def run_label(model: str, manifest: str, out: Path, *extra: str) -> dict[str, Any]:
+    """common.run_label into a fresh `out`, with the plan the run resolved (its _summary.json):
+    how it decoded, its actors and their CPUs, and the images its driver labeled while Ray
+    started (the fused plan only)."""
+    shutil.rmtree(out, ignore_errors=True)
+    run = common.run_label(model, manifest, out, list(extra), sample_memory=False)
+    plan = json.loads((out / "_summary.json").read_text()).get("plan") or {}
+    run["plan"] = {k: plan.get(k) for k in ("decode", "actor_cpus", "actors")}
+    labeled_on = plan.get("images_by_node", {}).get("labeled", {})
+    run["plan"]["labeled_in_driver"] = labeled_on.get("driver", 0)
+    return run
+
+
+def measure(
+    spec: common.ImageSet, count: int, seed_count: int, repeat: int, work: Path, split: bool
+) -> dict:
+    """(a), (b) and (c) on the first `count` images of `spec`; and (d), the split plan, if
+    `split`. (b), (c) and (d) run `repeat` times, in turn; each reports its median run."""
     seed_count = min(seed_count, count)
     paths = common.image_paths(spec, count)
     manifest = common.write_manifest(paths, work / f"{spec.name}-{count}.csv")
@@ -50,8 +71,8 @@ def measure(spec: common.ImageSet, count: int, seed_count: int, repeat: int, wor
     _, seed = run_script(
         "seed_loop.py", "--model", model, "--input", manifest, "--limit", str(seed_count)
     )
-    local_runs, label_runs = [], []
-    for _ in range(repeat):  # alternated, so that a change of load hits both alike
+    local_runs, label_runs, split_runs = [], [], []
+    for _ in range(repeat):  # alternated, so that a change of load hits each alike
         output = work / f"{spec.name}-local.parquet"
         wall, local = run_script(
             "local_pipeline.py", "--model", model, "--input", manifest, "--output", str(output)
@@ -63,14 +84,15 @@ def measure(spec: common.ImageSet, count: int, seed_count: int, repeat: int, wor
                 "images_per_second_wall": round(count / wall, 1),
             }
         )
-        out = work / f"{spec.name}-labels"
-        shutil.rmtree(out, ignore_errors=True)
-        label_runs.append(common.run_label(model, manifest, out, sample_memory=False))
+        label_runs.append(run_label(model, manifest, work / f"{spec.name}-labels"))
+        if split:  # default actors and actor CPUs: 1 actor of 1 CPU, decoding on the rest
+            out = work / f"{spec.name}-labels-split"
+            split_runs.append(run_label(model, manifest, out, "--plan", "split"))
     local = _median_run(local_runs, "images_per_second_wall")
     label = _median_run(label_runs, "images_per_second_wall")
     seed_rate = seed["images_per_second"]
     steady = label["images_per_second_steady"]  # None when all went into one part
-    return {
+    result = {
         "images": count,
         "image_size": f"{spec.width}x{spec.height}",
         "mean_file_kib": round(sum(os.path.getsize(p) for p in paths) / len(paths) / 1024, 1),
@@ -88,6 +110,18 @@ def measure(spec: common.ImageSet, count: int, seed_count: int, repeat: int, wor
         ),
         "c_over_b_steady": steady and round(steady / local["images_per_second_labeling"], 2),
     }
+    if split_runs:
+        split_run = _median_run(split_runs, "images_per_second_wall")
+        split_steady = split_run["images_per_second_steady"]
+        result["d_label_split"] = split_run
+        result["runs"]["d"] = [r["images_per_second_wall"] for r in split_runs]
+        result["split_over_fused_wall"] = round(
+            split_run["images_per_second_wall"] / label["images_per_second_wall"], 2
+        )
+        result["split_over_fused_steady"] = (
+            round(split_steady / steady, 2) if split_steady and steady else None
+        )
+    return result
 
 
 def _median_run(runs: list[dict], key: str) -> dict:
@@ -102,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--large-images", type=int, help="4000x3000 images (default: images/10; 0: none)"
     )
     parser.add_argument("--seed-images", type=int, default=300, help="images for the seed loop")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of (b) and (c); the median")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of (b), (c), (d); the median")
     args = parser.parse_args(argv)
     large = args.large_images if args.large_images is not None else max(1, args.images // 10)
 
@@ -111,11 +145,16 @@ def main(argv: list[str] | None = None) -> dict:
         result = {
             "benchmark": "label_throughput",
             "machine": common.machine(),  # the load average before the runs
-            "small": measure(common.SMALL, args.images, args.seed_images, args.repeat, work),
+            "small": measure(
+                common.SMALL, args.images, args.seed_images, args.repeat, work, split=True
+            ),
         }
         if large:
             seed_large = max(1, args.seed_images // 3)  # each takes seconds in the seed's loop
-            result["large"] = measure(common.LARGE, large, seed_large, args.repeat, work)
+            # No (d): at ~70 img/s, 1,000 12 MP images take minutes a run.
+            result["large"] = measure(
+                common.LARGE, large, seed_large, args.repeat, work, split=False
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     common.emit(result)

@@ -91,18 +91,30 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             a, b, c = r["a_seed_loop"], r["b_local_pipeline"], r["c_dogbread_label"]
             loads = "/".join(f"{x:.1f}" for x in r["load_average_before_after"])
             what = f"labeling {r['images']:,} JPEGs of {r['image_size']}"
+            d = r.get("d_label_split")  # the split plan: the 256 px set only
+            d_what = d_rates = d_ratio = ""
+            if d:
+                d_what = " / (d) `--plan split`"
+                d_rates = (
+                    f" · (d) {d['images_per_second_wall']} end to end, "
+                    f"{d['images_per_second_steady']} steady"
+                )
+                d_ratio = (
+                    f" · d/c (split/fused) {r['split_over_fused_wall']} end to end, "
+                    f"{r['split_over_fused_steady']} steady"
+                )
             rows.append(
-                f"| {what}: (a) seed loop / (b) no-Ray pipeline / (c) `dogbread label`, img/s "
-                f"| (a) {a['images_per_second']} ({a['images']} images) · "
+                f"| {what}: (a) seed loop / (b) no-Ray pipeline / (c) `dogbread label`{d_what}, "
+                f"img/s | (a) {a['images_per_second']} ({a['images']} images) · "
                 f"(b) {b['images_per_second_wall']} end to end, {b['images_per_second_labeling']}"
                 f" steady · (c) {c['images_per_second_wall']} end to end, "
                 f"{c['images_per_second_steady']} steady, {c['images_per_second_summary']} by its "
-                f"summary | | {loads} |"
+                f"summary{d_rates} | | {loads} |"
             )
             target = "c/a ≥ 20, c/b ≥ 0.9" if key == "small" else ""
             rows.append(
                 f"| ↳ ratios | c/a {r['c_over_a']} · c/b {r['c_over_b_wall']} end to end, "
-                f"{r['c_over_b_steady']} steady | {target} | {loads} |"
+                f"{r['c_over_b_steady']} steady{d_ratio} | {target} | {loads} |"
             )
     memory = results.get("label_memory")
     if memory:
