@@ -2,7 +2,7 @@
 
 Each labeled batch is kept as a file under the output's `_dogbread/batches/` as soon as it is
 labeled, so the first one to appear marks the first labeled batch (common.run_label polls for
-it). On this short manifest of 256x256 images the driver plans and keeps the first batches itself
+it). On this short manifest of 256x256 images the driver plans and keeps the first batch itself
 while Ray starts (dogbread/label.py). Several runs, the median. Prints one JSON object.
 
     python bench/startup.py [--images 512] [--runs 3]

@@ -88,7 +88,7 @@ def run(config: LabelConfig) -> dict[str, Any]:
             pending = _pending(out, _todo(shards, markers))
             if config.dry_run:
                 return _print_dry_run(shards, markers, pending, planned is not None, started)
-        labeled = sum(pending.values())  # by this run, the driver's first batches included
+        labeled = sum(pending.values())  # by this run, the driver's first batch included
         labeling_started, resources = time.monotonic(), None
         if pending:  # shards to do; one a killed run kept whole is only committed
             in_fs = storage.s3_filesystem(config.s3_endpoint) if shards.on_s3 else LOCAL
@@ -134,9 +134,11 @@ def _driver_labeling(
     pending: dict[int, int],
     out: Output,
     model: tuple[tuple[pafs.FileSystem, str], Any, Any],
-) -> Callable[[threading.Event], None] | None:
-    """What the driver does while it starts a local Ray: label the first shard's first batches,
-    when the fused plan will run (a local Ray is one machine) with a LiteRT model."""
+) -> Callable[[], None] | None:
+    """What the driver does while it starts a local Ray: label the first batch, when the fused
+    plan will run (a local Ray is one machine) with a LiteRT model. One batch only: Ray's start
+    and Ray Data's take 5-8 s here before an actor keeps a batch, but the driver that labeled
+    more would slow Ray's start on a small machine, and do the actors' work in another shape."""
     import ray
 
     local = not ray.is_initialized() and os.environ.get("RAY_ADDRESS", "") in ("", "local")
@@ -185,12 +187,10 @@ def _pending(out: Output, todo: dict[int, int]) -> dict[int, int]:
 
 
 @contextlib.contextmanager
-def _ray_session(
-    needed: bool, meanwhile: Callable[[threading.Event], None] | None = None
-) -> Iterator[str | None]:
+def _ray_session(needed: bool, meanwhile: Callable[[], None] | None = None) -> Iterator[str | None]:
     """Ray up for the block when `needed` (a finished output is not worth starting Ray for);
     yields what ensure_ray says: "local" (a Ray of our own), "joined" or None (up already).
-    `meanwhile(stop)` runs in a thread while Ray starts, and is stopped once it is up."""
+    `meanwhile()` runs in a thread while Ray starts; the block starts once both are done."""
     if not needed:
         yield None
         return
@@ -212,16 +212,16 @@ def _ray_session(
 
 
 @contextlib.contextmanager
-def _in_background(work: Callable[[threading.Event], None] | None) -> Iterator[None]:
-    """Run `work(stop)` in a thread for the block; then set stop, wait, and raise its error."""
+def _in_background(work: Callable[[], None] | None) -> Iterator[None]:
+    """Run `work()` in a thread during the block; then wait for it, and raise its error."""
     if work is None:
         yield
         return
-    stop, failed = threading.Event(), []
+    failed = []
 
     def guarded() -> None:
         try:
-            work(stop)
+            work()
         except BaseException as exc:  # raised in the caller's thread below
             failed.append(exc)
 
@@ -230,7 +230,6 @@ def _in_background(work: Callable[[threading.Event], None] | None) -> Iterator[N
     try:
         yield
     finally:
-        stop.set()
         thread.join()
     if failed:
         raise failed[0]

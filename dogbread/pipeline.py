@@ -8,7 +8,6 @@ reserves, and the Ray Data pipeline from shards to kept batches (label.py drives
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,14 +153,9 @@ class Job:
     resources: Resources
 
 
-def label_in_driver(
-    labeler: Labeler, out: Output, shard: int, rows: int, stop: threading.Event
-) -> None:
-    """Label the first batches of `shard` in this process until `stop` is set: while a local Ray
-    starts (2.5-4 s here, and Ray Data's first batch takes as long again), the driver, which
-    holds the model already, keeps batches as an actor would. The pipeline then skips them."""
+def label_in_driver(labeler: Labeler, out: Output, shard: int, rows: int) -> None:
+    """Label the first `rows` paths of `shard` in this process, as an actor would keep them:
+    the pipeline then skips them. label.py runs it while a local Ray starts."""
     first = next(plan.paths_to_label(pa.table({"shard": [shard]}), out, set()), None)
-    for start in range(0, first.num_rows if first is not None else 0, rows):
-        if stop.is_set():
-            return
-        labeler(first.slice(start, rows))
+    if first is not None:
+        labeler(first.slice(0, rows))
