@@ -104,9 +104,10 @@ def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
     assert (dry["images"], dry["duplicate_paths"], dry["shards"]) == (19_985, 15, 4)
     assert (dry["to_label"], dry["already_done"], dry["planned_before"]) == (19_985, 0, False)
     assert 0 < dry["seconds"] <= planned["seconds"] and planned["cpu_seconds"] > 0
-    # (equal at the smoke size: 20,000 keys are planned in the driver, without Ray)
+    # 20,000 keys are planned in the driver, without Ray: the driver is all the processes there
+    # are (the full sizes plan in Ray tasks)
     assert 0 < planned["driver_peak_rss_mib"] <= planned["total_peak_rss_mib"]
-    assert planned["peak_processes"] >= 3 and plan["ratios_largest_over_smallest"] is None
+    assert planned["peak_processes"] >= 1 and plan["ratios_largest_over_smallest"] is None
     assert plan["targets"]["no_error"] and isinstance(plan["targets_met"], bool)
     report = found["label_report"]  # --smoke: outputs of 2,000 and 20,000 rows
     assert [r["files"] for r in report["runs"].values()] == [2, 20]
