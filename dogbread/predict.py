@@ -1,4 +1,7 @@
-"""`dogbread predict`: classify a few images and print one line each, in the seed's spirit."""
+"""`dogbread predict`: classify a few images and print one line each, in the seed's spirit.
+
+A run dir that holds the model's LiteRT conversion (`dogbread train` saves it) is predicted
+through LiteRT, without importing TensorFlow: an answer in about a second, not five."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import numpy as np
 
 from dogbread import storage
 from dogbread.images import ImageDecodeError, decode_image
-from dogbread.model import label_predictions, load_model, predict_probabilities
+from dogbread.model import label_predictions, load_litert, load_model, predict_probabilities
 
 
 def run(
@@ -22,7 +25,7 @@ def run(
     out: TextIO = sys.stdout,
 ) -> int:
     """Print a line per image ("98.98% bread  path"); 1 if any image failed, else 0."""
-    model, card = load_model(model_uri, s3_endpoint)
+    model, card = load_litert(model_uri, s3_endpoint) or load_model(model_uri, s3_endpoint)
     failed = 0
     for uri in image_uris:
         try:

@@ -140,3 +140,35 @@ def test_cli_predict_exit_codes_and_output(small_model_dir, images):
     assert lines[2].startswith("error ") and images["broken"] in lines[2]
     # The same lines as the in-process function prints.
     assert lines == predict(small_model_dir, paths)[1]
+
+
+@pytest.fixture(scope="module")
+def litert_model_dir(tmp_path_factory) -> str:
+    """The small seed CNN saved as `dogbread train` saves it: with its LiteRT conversion."""
+    from dogbread.model import ModelCard, ModelConfig, build_model, save_model
+
+    directory = str(tmp_path_factory.mktemp("model-litert"))
+    model = build_model(ModelConfig(image_size=64))
+    save_model(model, ModelCard(("bread", "dog"), 64, 0), directory, litert=True)
+    assert Path(directory, "model.tflite").exists()
+    return directory
+
+
+def test_a_run_dir_with_its_litert_conversion_predicts_without_tensorflow(litert_model_dir, images):
+    paths = [images["bread"], images["dog"], images["broken"]]
+    script = (
+        "import sys\n"
+        "from dogbread.predict import run\n"
+        f"code = run({litert_model_dir!r}, {paths!r}, as_json=True)\n"
+        "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=PROJECT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stderr[-3000:]  # the broken image
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [row["path"] for row in rows] == paths and rows[2]["error"].startswith("not_an_image")
+    for row, path in zip(rows[:2], paths[:2], strict=True):  # LiteRT's scores are Keras's
+        keras = expected_probabilities(litert_model_dir, path)
+        np.testing.assert_allclose(list(row["probabilities"].values()), keras, atol=1e-4)
