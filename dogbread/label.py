@@ -315,7 +315,8 @@ def _label(
     remaining, total, committing = dict(pending), sum(pending.values()), set()
     nodes = {"decoded": collections.Counter(), "labeled": collections.Counter()}
     actors: set[str] = set()
-    print(f"labeling {total} images", file=sys.stderr, flush=True)
+    if total:  # (none left when the driver labeled a small job's only batch)
+        print(f"labeling {total} images", file=sys.stderr, flush=True)
     start = shown = time.monotonic()
     finished, every = 0, 0.5 if sys.stderr.isatty() else 10.0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow") if shards else []:
