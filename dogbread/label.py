@@ -96,7 +96,8 @@ def run(config: LabelConfig) -> dict[str, Any]:
             job = Job(
                 config, shards, in_fs, out, model_file, card, inference, ray_started, resources
             )
-            pending = _pending(out, _todo(shards, markers))  # less what the driver labeled
+            if meanwhile:  # less what the driver labeled while Ray started
+                pending = _pending(out, _todo(shards, markers))
             new_markers, where = _label(job, pending, retried={s for s in pending if s in markers})
             markers |= new_markers
             in_driver = labeled - sum(pending.values())
@@ -142,10 +143,10 @@ def _driver_labeling(
     import ray
 
     local = not ray.is_initialized() and os.environ.get("RAY_ADDRESS", "") in ("", "local")
-    fused = config.plan != "split" and not config.use_gpu
+    fused = local and pipeline.decode_plan(config, one_machine=True) == "fused"  # a local Ray
     shard = next((s for s, n in pending.items() if n and s not in markers), None)
     model_file, card, inference = model  # inference: a LiteRTModel, or None
-    if not (local and fused and inference is not None and shards and shard is not None):
+    if not (fused and inference is not None and shards and shard is not None):
         return None
     in_fs = storage.s3_filesystem(config.s3_endpoint) if shards.on_s3 else LOCAL
     cpus = pipeline.fused_actor_cpus(len(os.sched_getaffinity(0)), config)

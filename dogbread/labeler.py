@@ -75,7 +75,8 @@ class Labeler:
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         paths = batch["path"].to_pylist()
-        if "pixels" in batch.column_names:
+        split = "pixels" in batch.column_names  # decoded by decode_block (the split plan)
+        if split:
             decoded = _decoded_images(batch, self.card.image_size)
         else:  # in input order; the pool decodes ahead while the model runs on the chunk before
             size = self.card.image_size
@@ -85,7 +86,6 @@ class Labeler:
         for shard in pc.unique(shards).to_pylist():  # a block may end one shard, start the next
             write_batch(self.out, shard, table.filter(pc.equal(shards, shard)))
         # Which nodes decoded and labeled these rows, for the summary: where the work ran.
-        split = "pixels" in batch.column_names
         decoded_on = batch["decoded_on"].to_pylist() if split else [self.node] * len(paths)
         done = collections.Counter(zip(shards.to_pylist(), decoded_on, strict=True))
         return {

@@ -119,14 +119,20 @@ def resources(config: LabelConfig) -> Resources:
     import ray
 
     nodes = [node for node in ray.nodes() if node["Alive"]]
-    one_machine = len(nodes) == 1 and nodes[0]["Resources"].get("CPU", 0) > 0
-    plan = config.plan
-    if plan == "auto":
-        plan = "fused" if one_machine and not config.use_gpu else "split"
+    plan = decode_plan(
+        config, one_machine=len(nodes) == 1 and nodes[0]["Resources"].get("CPU", 0) > 0
+    )
     if plan == "split":
         return Resources(plan, config.actor_cpus or SPLIT_ACTOR_CPUS)
     cpus = max(node["Resources"].get("CPU", 0) for node in nodes)
     return Resources(plan, fused_actor_cpus(cpus, config))
+
+
+def decode_plan(config: LabelConfig, one_machine: bool) -> str:
+    """--plan, with auto resolved: "fused" on one machine without --gpu, else "split"."""
+    if config.plan != "auto":
+        return config.plan
+    return "fused" if one_machine and not config.use_gpu else "split"
 
 
 def fused_actor_cpus(cpus: float, config: LabelConfig) -> float:

@@ -134,7 +134,7 @@ def make(
 
 def in_driver(work: WorkList, legacy: list[str]) -> bool:
     """Whether `make` plans in this process, without Ray: a small manifest, no legacy parts."""
-    return work.is_manifest and not legacy and work.estimated_rows() <= DRIVER_PLAN_ROWS
+    return work.is_manifest and not legacy and work.estimated_rows <= DRIVER_PLAN_ROWS
 
 
 def _plan_shards(
@@ -147,24 +147,22 @@ def _plan_shards(
     bench/README.md)."""
     sources, rows = work.sources()
     n_shards = max(1, math.ceil(rows / rows_per_file))
-    writes_to = out if write else None
-    if in_driver(work, legacy):  # the same two rounds, here
-        pieces = [_split(work, n_shards, source) for source in sources]
-        pieces = [p if n_shards > 1 else [p] for p in pieces]
-        records = [_plan_shard(s, writes_to, *(p[s] for p in pieces)) for s in range(n_shards)]
-        return [record for record in records if record]
-    import ray
+    if in_driver(work, legacy):  # the same two rounds, called here
+        split, plan_shard, gather = _split, _plan_shard, list
+    else:
+        import ray
 
-    split = ray.remote(num_cpus=SPLIT_CPUS, num_returns=n_shards)(_split)
-    pieces = [split.remote(work, n_shards, source) for source in sources]
-    pieces += [split.remote(out, n_shards, path) for path in legacy]
-    pieces = [p if n_shards > 1 else [p] for p in pieces]  # one return: a ref, not a list
-    plan_shard = ray.remote(num_cpus=SPLIT_CPUS)(_plan_shard)
+        split = ray.remote(num_cpus=SPLIT_CPUS, num_returns=n_shards)(_split).remote
+        plan_shard = ray.remote(num_cpus=SPLIT_CPUS)(_plan_shard).remote
+        gather = ray.get
+    pieces = [split(work, n_shards, source) for source in sources]
+    pieces += [split(out, n_shards, path) for path in legacy]
+    pieces = [p if n_shards > 1 else [p] for p in pieces]  # one piece: a table (ref), no list
+    writes_to = out if write else None
     records = [
-        plan_shard.remote(shard, writes_to, *(p[shard] for p in pieces))
-        for shard in range(n_shards)
+        plan_shard(shard, writes_to, *(p[shard] for p in pieces)) for shard in range(n_shards)
     ]
-    return [record for record in ray.get(records) if record]
+    return [record for record in gather(records) if record]
 
 
 def _split(source_of: WorkList | Output, n_shards: int, source: Any) -> list[pa.Table] | pa.Table:

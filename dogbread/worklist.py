@@ -14,6 +14,7 @@ where they go is plan.py's concern.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import posixpath
@@ -60,7 +61,7 @@ class WorkList:
         """(what Ray tasks read the inputs from, the number of rows, estimated for manifests):
         manifest files, or refs of the listing's blocks, which stay in the object store."""
         if self.manifests:
-            return list(self.manifests), self.estimated_rows()
+            return list(self.manifests), self.estimated_rows
         return _list_tree(self.fs, self.root)
 
     def read(self, source: Any) -> Iterator[pa.Table]:
@@ -72,8 +73,10 @@ class WorkList:
             paths = _paths(table, self, source)
             yield pa.table({"path": paths, "hidden": np.zeros(len(paths), bool)}, WORK_SCHEMA)
 
+    @functools.cached_property
     def estimated_rows(self) -> int:
-        """Rows in the manifests without reading them (Parquet footers, CSV sizes)."""
+        """Rows in the manifests without reading them (Parquet footers, CSV sizes), read once:
+        the planner asks twice (whether to plan in the driver, then how many shards)."""
         rows = 0.0
         for path in self.manifests:
             if path.endswith(".parquet"):
