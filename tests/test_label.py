@@ -146,7 +146,9 @@ def test_split_plan_and_a_pool_of_two_to_three_label_as_the_fused_plan_does(
     # Split: decoding tasks of one CPU, the actors only label, in a pool of two to three
     # (quarter-CPU actors: three fit beside a decoding task). Ray Data starts the two, and adds
     # the third only while blocks queue at them, which 64 small images do not make them do (it
-    # did on 1,000 images of 256 px in batches of 128: see the closing note of the issue).
+    # did on 1,000 images of 256 px in batches of 128: see the closing note of the issue). The
+    # summary counts the actors that labeled a batch: on a loaded machine the first actor up can
+    # label all 32 batches before the second has booted (seen in CI), so one is a valid count.
     config = LabelConfig(
         model=small_model_dir,
         input=inputs["root"],
@@ -157,7 +159,7 @@ def test_split_plan_and_a_pool_of_two_to_three_label_as_the_fused_plan_does(
         actor_cpus=0.25,
     )
     summary = label.run(config)
-    assert summary["plan"]["decode"] == "split" and 2 <= summary["plan"]["actors"] <= 3
+    assert summary["plan"]["decode"] == "split" and 1 <= summary["plan"]["actors"] <= 3
     for key in ("images", "labeled", "labels", "errors", "skipped_hidden"):
         assert summary[key] == labeled["summary"][key], key
     fused = {r["path"]: r for r in read_rows(labeled["out"]).to_pylist()}
