@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
+import json
 import logging
-import sys
 import types
 import typing
 from collections.abc import Sequence
 from typing import Any
 
+from dogbread import console
 from dogbread.config import EnsembleConfig, LabelConfig, SynthConfig, TrainConfig, load_config
 from dogbread.errors import DogbreadError
 
+VERBOSE_HELP = "show every log on the terminal (default: in a log file, shown only on errors)"
 # Short flags users expect, beside the generated --field-name ones.
 ALIASES = {"use_gpu": ["--gpu"]}
-# Commands that are dogbread.<command>.run(config) with the config built from their flags.
-CONFIG_JOBS = {"ensemble": EnsembleConfig, "label": LabelConfig}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
@@ -57,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dogbread", description="Train an image classifier and label image stores on Ray."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="draw a synthetic labeled image tree")
@@ -110,24 +109,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="the job's flags, plus --address http://HEAD:8265, --working-dir, --runtime-env "
         "(see `dogbread submit train --help`)",
     )
+    for command in sub.choices.values():  # -v after the command too, as in `ray job submit -- ...`
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+        )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    try:
-        return run_command(args)
-    except DogbreadError as exc:
-        print(f"dogbread: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dogbread: interrupted", file=sys.stderr)
-        return 130
+    with console.session(args.command, args.verbose) as log_path:
+        try:
+            return run_command(args)
+        except DogbreadError as exc:  # the user's to fix: the message says what
+            print(f"dogbread: error: {exc}", file=console.terminal())
+            return 2
+        except KeyboardInterrupt:
+            print("dogbread: interrupted", file=console.terminal())
+            return 130
+        except Exception as exc:
+            if log_path is None:  # -v: the traceback, as Python prints it
+                raise
+            # The root logger: only the log file gets the traceback, not our terminal handler.
+            logging.getLogger().exception("dogbread %s failed", args.command)
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            print(
+                f"dogbread: error: {type(exc).__name__}: {reason} (full log: {log_path})",
+                file=console.terminal(),
+            )
+            return 1
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -169,9 +179,17 @@ def run_command(args: argparse.Namespace) -> int:
 
         evaluate.run(args.model, args.data, args.split, args.s3_endpoint)
         return 0
-    if args.command in CONFIG_JOBS:  # a module whose run(config) is the whole command
-        config = config_from_args(CONFIG_JOBS[args.command], args)
-        importlib.import_module(f"dogbread.{args.command}").run(config)
+    if args.command == "ensemble":
+        from dogbread import ensemble
+
+        ensemble.run(config_from_args(EnsembleConfig, args))
+        return 0
+    if args.command == "label":
+        from dogbread import label
+
+        config = config_from_args(LabelConfig, args)
+        result = label.run(config)  # the summary, or what a --dry-run would do in one line
+        print(json.dumps(result, indent=None if config.dry_run else 2), flush=True)
         return 0
     if args.command == "report":
         from dogbread import report

@@ -35,7 +35,12 @@ def run(out: str = "demo-out", s3: bool = False, images: int = 2000) -> int:
                 TrainConfig(data=data, out=run_dir, workers=2, epochs=EPOCHS, s3_endpoint=endpoint)
             )
             print(f"demo: labeling {2 * max(1, images // 2)} new images")
-            label.run(LabelConfig(model=run_dir, input=inbox, output=labels, s3_endpoint=endpoint))
+            summary = label.run(
+                LabelConfig(model=run_dir, input=inbox, output=labels, s3_endpoint=endpoint)
+            )
+            counts = ", ".join(f"{k} {v}" for k, v in summary["labels"].items())
+            errors = sum(summary["errors"].values())
+            print(f"demo: labeled {summary['labeled']} images ({counts}; {errors} errors)")
             _print_agreement(labels, endpoint)
         finally:
             if started:

@@ -27,7 +27,6 @@ import functools
 import json
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,7 +35,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from dogbread import output, pipeline, plan, storage, worklist
+from dogbread import console, output, pipeline, plan, storage, worklist
 from dogbread.config import LabelConfig, dump_config
 from dogbread.errors import ConfigError
 from dogbread.labeler import Labeler
@@ -50,8 +49,8 @@ LOCAL = pafs.LocalFileSystem()
 
 
 def run(config: LabelConfig) -> dict[str, Any]:
-    """Label every input into Parquet under config.output; print and return the summary (with
-    --dry-run: plan and count only, print and return what a run would do).
+    """Label every input into Parquet under config.output; return the summary (with --dry-run:
+    plan and count only, return what a run would do).
 
     Config, model, input and output are checked (raising DogbreadError) before Ray starts.
     """
@@ -74,7 +73,7 @@ def run(config: LabelConfig) -> dict[str, Any]:
         shards = _plan(config, work, out, legacy, card.model_version)
     if config.dry_run and shards:
         pending = _pending(out, _todo(shards, markers))
-        return _print_dry_run(shards, markers, pending, planned is not None, started)
+        return _dry_run(shards, markers, pending, planned is not None, started)
     todo = _todo(shards, markers) if shards else None  # None: known once planned, with Ray
     labeling = not config.dry_run and todo != {}
     inference = _inference_model(model, config.use_gpu) if labeling else None
@@ -87,7 +86,7 @@ def run(config: LabelConfig) -> dict[str, Any]:
             shards = _plan(config, work, out, legacy, card.model_version)
             pending = _pending(out, _todo(shards, markers))
             if config.dry_run:
-                return _print_dry_run(shards, markers, pending, planned is not None, started)
+                return _dry_run(shards, markers, pending, planned is not None, started)
         labeled = sum(pending.values())  # by this run, the driver's first batch included
         labeling_started, resources = time.monotonic(), None
         if pending:  # shards to do; one a killed run kept whole is only committed
@@ -98,9 +97,10 @@ def run(config: LabelConfig) -> dict[str, Any]:
             )
             if meanwhile:  # less what the driver labeled while Ray started
                 pending = _pending(out, _todo(shards, markers))
-            new_markers, where = _label(job, pending, retried={s for s in pending if s in markers})
-            markers |= new_markers
             in_driver = labeled - sum(pending.values())
+            retried = {s for s in pending if s in markers}
+            new_markers, where = _label(job, pending, retried, (in_driver, started))
+            markers |= new_markers
             for counts in where["images_by_node"].values() if in_driver else ():
                 counts["driver"] = in_driver  # while Ray started
         labeling_seconds = time.monotonic() - labeling_started
@@ -114,7 +114,6 @@ def run(config: LabelConfig) -> dict[str, Any]:
     out.write(output.SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
     if len(markers) == len(shards.shards):  # every input has its row: the output is complete
         out.write(output.SUCCESS, b"")
-    print(json.dumps(summary, indent=2), flush=True)
     if config.report:
         from dogbread.report import try_write_report
 
@@ -236,7 +235,7 @@ def _in_background(work: Callable[[], None] | None) -> Iterator[None]:
         raise failed[0]
 
 
-def _print_dry_run(
+def _dry_run(
     shards: Plan, markers: dict, pending: dict[int, int], planned: bool, started: float
 ) -> dict[str, Any]:
     to_label = sum(n for s, n in pending.items() if s not in markers)
@@ -252,7 +251,6 @@ def _print_dry_run(
         "planned_before": planned,
         "seconds": round(time.monotonic() - started, 2),
     }
-    print(json.dumps(report), flush=True)
     return report
 
 
@@ -290,12 +288,13 @@ def _summary(
 
 
 def _label(
-    job: Job, pending: dict[int, int], retried: set[int]
+    job: Job, pending: dict[int, int], retried: set[int], progress_from: tuple[int, float]
 ) -> tuple[dict[int, dict], dict[str, Any]]:
     """Label the pending rows of the shards to do (`retried`: committed shards whose failed reads
     are labeled again) and commit each shard once all its rows are kept; return the new markers,
     and where the work ran: the rows each Ray node decoded and labeled (a batch Ray ran twice
-    counts twice), and the number of actors that labeled."""
+    counts twice), and the number of actors that labeled. The progress line counts from
+    `progress_from`: the images the driver labeled while Ray started, and the command's start."""
     import ray
 
     config, out = job.config, job.out
@@ -313,13 +312,15 @@ def _label(
     commits = [commit_shard(s) for s, n in pending.items() if not n]  # kept whole by a killed run
     shards = [s for s, n in pending.items() if n]
     ds = pipeline.dataset(job, shards, retried)
-    remaining, total, committing = dict(pending), sum(pending.values()), set()
+    finished, start = progress_from
+    remaining, total, committing = dict(pending), sum(pending.values()) + finished, set()
     nodes = {"decoded": collections.Counter(), "labeled": collections.Counter()}
     actors: set[str] = set()
-    if total:  # (none left when the driver labeled a small job's only batch)
-        print(f"labeling {total} images", file=sys.stderr, flush=True)
-    start = shown = time.monotonic()
-    finished, every = 0, 0.5 if sys.stderr.isatty() else 10.0
+    progress = console.ProgressLine(every_s=10.0)
+    if total:
+        print(f"labeling {total} images", file=console.terminal(), flush=True)
+    if finished:  # by the driver
+        progress.update(_progress(finished, total, start), force=finished >= total)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow") if shards else []:
         actors.update(batch["actor"].to_pylist())
         for shard, n, decoded_on, labeled_on in zip(
@@ -333,9 +334,8 @@ def _label(
             if remaining[shard] <= 0 and shard not in committing:  # all its rows are kept
                 committing.add(shard)  # (<=: a batch Ray rebuilt counts twice; commit checks)
                 commits.append(commit_shard(shard))
-        if time.monotonic() - shown >= every or finished == total:
-            shown = time.monotonic()
-            _show_progress(finished, total, start)
+        progress.update(_progress(finished, total, start), force=finished >= total)
+    progress.close()
     markers = {marker["shard"]: marker for marker in ray.get(commits)}
     return markers, {
         "images_by_node": {stage: dict(counts) for stage, counts in nodes.items()},
@@ -367,16 +367,10 @@ def _check_model(config: LabelConfig) -> tuple[tuple[pafs.FileSystem, str], Any,
     return model_file, card, model
 
 
-def _show_progress(done: int, total: int, start: float) -> None:
-    """done/total, images/s and ETA on stderr, redrawn in place on a terminal."""
+def _progress(done: int, total: int, start: float) -> str:
     rate = done / max(time.monotonic() - start, 1e-6)
-    eta = int((total - done) / rate) if rate else 0
-    line = f"labeled {done}/{total} ({done / total:.0%})  {rate:.1f} img/s  "
-    line += f"ETA {eta // 60}:{eta % 60:02d}"
-    if sys.stderr.isatty():
-        print("\r" + line, end="\n" if done >= total else "", file=sys.stderr, flush=True)
-    else:
-        print(line, file=sys.stderr, flush=True)
+    eta = console.eta((total - done) / rate if rate else 0)
+    return f"labeled {done}/{total} ({done / total:.0%})  {rate:.1f} img/s  {eta}"
 
 
 def _inference_model(model: Any, use_gpu: bool) -> Any:

@@ -12,6 +12,7 @@ import socket
 
 import ray
 
+from dogbread import console
 from dogbread.errors import ClusterError
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,9 @@ def ensure_ray() -> str | None:
         _check_address(address)
         # A cluster's workers get WORKER_ENV from the job's runtime_env (cluster/runtime_env.yaml).
         try:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(
+                address=address, logging_level=logging.WARNING, log_to_driver=console.verbose()
+            )
         except ConnectionError as exc:  # reachable, but it would not let us in
             raise ClusterError(
                 f"cannot join the Ray cluster at {address} (RAY_ADDRESS): {exc}; if it has token "
@@ -50,6 +53,7 @@ def ensure_ray() -> str | None:
             },
             include_dashboard=False,
             logging_level=logging.WARNING,
+            log_to_driver=console.verbose(),  # quiet: workers' output stays in Ray's log files
         )
     started = "local" if address in (None, "", "local") else "joined"  # "local": a new one
     log.info("Ray %s: %s", started, ray.cluster_resources())

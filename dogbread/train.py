@@ -28,11 +28,12 @@ import math
 import os
 import secrets
 import tempfile
+import threading
 from typing import Any
 
 import numpy as np
 
-from dogbread import data, evaluate, storage
+from dogbread import console, data, evaluate, storage
 from dogbread.config import CONFIG_FILENAME, TrainConfig, dump_config, load_config
 from dogbread.errors import ConfigError, DataError
 from dogbread.train_worker import BEST_WEIGHTS, STATE, train_loop
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 # dogbread.model (and so TensorFlow) is imported inside the functions that need it, so that a bad
 # config or a missing input fails in a fraction of a second, before TensorFlow loads.
 MANIFEST_FILENAME = "manifest.parquet"
+EPOCH_POLL_S = 1.0  # how often the driver looks for a new epoch's checkpoint
 
 
 def run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
@@ -130,7 +132,10 @@ def _train_and_evaluate(config: TrainConfig, manifest: data.Manifest) -> dict[st
         readable[split] = dataset.count()
         skipped[split] = table.num_rows - readable[split]
     if sum(skipped.values()):
-        log.warning("skipped %s unreadable images (train/val/test)", skipped)
+        log.warning(  # the decoding tasks name each one, in Ray's worker logs (-v: here)
+            "skipped %s unreadable images (train/val/test); Ray's worker logs name each one",
+            skipped,
+        )
     needed = config.batch_size if config.workers > 1 else 1  # a full batch: see drop_last
     if readable["train"] < needed:
         raise DataError(f"only {readable['train']} readable training images, {needed} needed")
@@ -184,6 +189,7 @@ def _fit(config: TrainConfig, manifest: data.Manifest, decoded: dict, readable: 
     # on to its controller, so a user's own setting still wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     fs, path = storage.resolve(config.out, config.s3_endpoint)
+    checkpoints = "checkpoints"  # the run's name in Ray Train: its folder under the storage path
     trainer = TensorflowTrainer(
         train_loop,
         train_loop_config={
@@ -199,7 +205,7 @@ def _fit(config: TrainConfig, manifest: data.Manifest, decoded: dict, readable: 
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
         run_config=ray.train.RunConfig(
             # The same name and storage on --resume is what makes Ray Train restore the run.
-            name="checkpoints",
+            name=checkpoints,
             storage_path=path,
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
@@ -207,7 +213,79 @@ def _fit(config: TrainConfig, manifest: data.Manifest, decoded: dict, readable: 
         ),
         datasets={"train": decoded["train"], "val": decoded["val"]},
     )
-    return trainer.fit().checkpoint
+    workers = f"{config.workers} worker{'s' if config.workers > 1 else ''}"
+    print(
+        f"training on {readable['train']} images with {workers}, up to {config.epochs} epochs",
+        file=console.terminal(),
+        flush=True,
+    )
+    with EpochLines(config.epochs, fs, storage.join(path, checkpoints)):
+        return trainer.fit().checkpoint
+
+
+class EpochLines:
+    """The driver's line per epoch: "epoch k/N  loss  val_accuracy  ETA". The workers' own lines
+    stay in Ray's logs; the driver reads each epoch's checkpoint state as Ray Train stores it
+    (local or S3), once a second in a thread, so it works wherever the workers run and needs no
+    actor. The last check runs after fit() returns, when the last checkpoint is stored."""
+
+    def __init__(self, epochs: int, fs: Any, checkpoints: str) -> None:
+        self.epochs, self.fs, self.checkpoints = epochs, fs, checkpoints
+        self.shown = self._latest_state().get("epoch", 0)  # a resumed run goes on from there
+        self.seconds: list[float] = []  # of this run's epochs, for the ETA
+        self.line = console.ProgressLine(every_s=0)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="epoch-lines", daemon=True)
+
+    def __enter__(self) -> EpochLines:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        state = self._latest_state() if exc[0] is None else {}
+        self.show(state.get("history", []))
+        self.line.close()
+        if 0 < state.get("epoch", self.epochs) < self.epochs:  # early stopping ended the run
+            print(
+                f"early stop after epoch {state['epoch']}: no better val_loss since epoch "
+                f"{state['best_epoch']}, whose weights are kept",
+                file=console.terminal(),
+                flush=True,
+            )
+
+    def _watch(self) -> None:
+        while not self.stop.wait(EPOCH_POLL_S):
+            self.show(self._latest_state().get("history", []))
+
+    def show(self, history: list[dict[str, Any]]) -> None:
+        for metrics in history:
+            if metrics["epoch"] <= self.shown:
+                continue
+            self.shown = metrics["epoch"]
+            self.seconds.append(metrics["seconds"])
+            left = np.mean(self.seconds) * (self.epochs - self.shown)
+            self.line.update(
+                f"epoch {self.shown}/{self.epochs}  loss {metrics['loss']:.4f}  "
+                f"val_accuracy {metrics['val_accuracy']:.4f}  {console.eta(left)}",
+                force=True,
+            )
+
+    def _latest_state(self) -> dict[str, Any]:
+        """The state of the last stored checkpoint ({} before the first, or while one is
+        half-written: the next look reads it whole)."""
+        import pyarrow.fs as pafs
+
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.checkpoints, allow_not_found=True))
+            epochs = [i.base_name for i in infos if i.base_name.startswith("epoch_")]
+            if not epochs:
+                return {}
+            with self.fs.open_input_stream(f"{self.checkpoints}/{max(epochs)}/{STATE}") as f:
+                return json.loads(f.read())
+        except (OSError, ValueError):  # not there yet, or half-written
+            return {}
 
 
 def _write_artifacts(

@@ -17,6 +17,10 @@ import pytest
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# The log files of the commands tests run (in-process and as subprocesses), removed at the end.
+_command_logs = tempfile.mkdtemp(prefix="dogbread-test-logs-")
+os.environ["DOGBREAD_LOG_DIR"] = _command_logs
+atexit.register(shutil.rmtree, _command_logs, ignore_errors=True)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # The suite runs in two pytest-xdist processes. Each gets a Ray temp dir of its own: ray.init()
     # with no address joins the cluster recorded in <temp dir>/ray/ray_current_cluster, where the

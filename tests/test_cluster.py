@@ -195,9 +195,22 @@ def test_label_job_writes_one_row_per_input(
     from dogbread.label import read_labels
 
     out = tmp_path / "labels"
-    run_job(
+    logs = run_job(
         head, "label", ["--model", str(run_dir), "--input", str(tree), "--output", str(out)], 180
     )
+    # The job's log is what the command prints on a terminal: its progress lines, then the
+    # summary. Ray's, Ray Data's, TensorFlow's and LiteRT's notices stay in the log files. (Ray's
+    # job supervisor writes two lines of its own: "Runtime env is setting up", "Running ...".)
+    ours = [
+        line
+        for line in logs.splitlines()
+        if "job_manager.py" not in line and not line.startswith("Running entrypoint for job ")
+    ]
+    progress, summary = ours[: ours.index("{")], json.loads("\n".join(ours[ours.index("{") :]))
+    assert progress[0] == "labeling 60 images", logs
+    assert progress[-1].startswith("labeled 60/60 (100%)"), logs
+    assert all(line.startswith("labeled ") for line in progress[1:]), logs
+    assert summary["labeled"] == 60
     table = read_labels(str(out))
     inputs = {str(p) for p in tree.rglob("*.jpg")}
     assert table.num_rows == len(inputs) == 60

@@ -41,7 +41,7 @@ def run(model: str, source: str, out: Path, **changes) -> dict:
 
 
 def test_a_folder_of_manifests_is_cut_into_shards_with_duplicates_dropped(
-    ray_local, images, small_model_dir, tmp_path, capsys
+    ray_local, images, small_model_dir, tmp_path
 ):
     manifests = tmp_path / "manifests"
     manifests.mkdir()
@@ -51,7 +51,6 @@ def test_a_folder_of_manifests_is_cut_into_shards_with_duplicates_dropped(
     out = tmp_path / "out"
 
     dry = run(small_model_dir, str(manifests), out, rows_per_file=10, dry_run=True)
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == dry
     assert (dry["images"], dry["to_label"], dry["already_done"]) == (40, 40, 0)
     assert dry["duplicate_paths"] == 5 and dry["shards"] >= 3 and not dry["planned_before"]
     assert not out.exists()  # a dry run writes nothing

@@ -84,6 +84,7 @@ def _session_processes(session: int) -> dict[int, tuple[str, int]]:
 def start_dogbread(args: list[str], ray_tmpdir: Path, env: dict[str, str] | None = None):
     env = dict(env if env is not None else subprocess_env())
     env["RAY_TMPDIR"] = str(ray_tmpdir)
+    env["DOGBREAD_LOG_DIR"] = str(ray_tmpdir / "dogbread-logs")  # the command's own log file
     return subprocess.Popen(
         [sys.executable, "-m", "dogbread", *args],
         cwd=PROJECT,

@@ -59,15 +59,17 @@ def test_secret_keys_never_appear_in_logs_parquet_summaries_or_saved_configs(s3_
     assert any(k.startswith("labels/label=") and k.endswith(".parquet") for k in searched)
     assert any(k.startswith("labels/_dogbread/shards/") for k in searched)
 
-    # Ray's own files on this node (logs of the driver, raylet, workers and actors).
-    ray_files = 0
+    # Ray's own files on this node (logs of the driver, raylet, workers and actors), and the log
+    # file of each command (what a quiet command did not print).
+    ray_files, command_logs = 0, 0
     for run in (s3_world["train"], s3_world["label"]):
-        for path in (run.ray_tmpdir / "ray").rglob("*"):
+        for path in run.ray_tmpdir.rglob("*"):
             if path.is_file() and not path.is_symlink() and not path.name.endswith(".sock"):
-                ray_files += 1
+                ray_files += path.parent.name != "dogbread-logs"
+                command_logs += path.parent.name == "dogbread-logs"
                 with open(path, "rb") as f:
                     assert secret not in f.read(), path
-    assert ray_files > 0
+    assert ray_files > 0 and command_logs == 2
 
 
 def test_a_session_token_is_never_shipped_to_workers_or_printed(
