@@ -171,6 +171,13 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             f"| {startup['first_batch_seconds']} s (runs: {startup['first_batch_seconds_runs']}) "
             f"| | {startup['machine']['load_average'][0]:.1f} |"
         )
+        predict = startup["predict"]
+        rows.append(
+            "| start-up: `dogbread predict` of one image, command start to exit, LiteRT "
+            f"(run dir with model.tflite) vs Keras | {predict['one_image_seconds_litert']} s vs "
+            f"{predict['one_image_seconds_keras']} s ({predict['keras_over_litert']}x) "
+            f"| <= 1.5 s | {startup['machine']['load_average'][0]:.1f} |"
+        )
     sizing = results.get("label_sizing")
     if sizing:
         rows.append(_sizing_row(sizing))

@@ -84,6 +84,9 @@ def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
     assert memory["rss_growth"] > 0 and memory["pss_growth"] > 0
     startup = found["startup"]
     assert 0 < startup["first_batch_seconds"] <= startup["wall_seconds"]
+    predict = startup["predict"]
+    assert len(predict["runs"]["litert"]) == len(predict["runs"]["keras"]) >= 1
+    assert predict["one_image_seconds_litert"] > 0 and predict["keras_over_litert"] > 0
     sizing = found["label_sizing"]  # 64 images of 256 px, 2 of 12 MP
     assert sizing["images"] == {"small_256": 64, "large_12mp": 2}
     for key in ("decode_per_core", "decode_block_per_core"):
