@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from dogbread import console
 from dogbread.errors import ConfigError, DogbreadError
 
 JOBS = ("train", "label")
@@ -98,7 +99,7 @@ def submit(
     except (ConnectionError, RuntimeError) as exc:
         raise ClusterError(str(exc).splitlines()[0]) from None
     where = client.get_address()
-    print(f"dogbread: submitted {job_id} to {where}", file=sys.stderr, flush=True)
+    print(f"dogbread: submitted {job_id} to {where}", file=console.terminal(), flush=True)
     try:
         asyncio.run(_print_logs(client, job_id))
         status = client.get_job_status(job_id)
@@ -107,12 +108,13 @@ def submit(
             status = client.get_job_status(job_id)
     except KeyboardInterrupt:
         print(
-            f"dogbread: {job_id} goes on; ray job stop --address {where} {job_id}", file=sys.stderr
+            f"dogbread: {job_id} goes on; ray job stop --address {where} {job_id}",
+            file=console.terminal(),
         )
         raise
     except (ConnectionError, RuntimeError) as exc:
         raise ClusterError(f"lost job {job_id} on {where}: {str(exc).splitlines()[0]}") from None
-    print(f"dogbread: job {job_id} {status.value}", file=sys.stderr, flush=True)
+    print(f"dogbread: job {job_id} {status.value}", file=console.terminal(), flush=True)
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 
