@@ -203,7 +203,8 @@ def decoded_dataset(
     s3_endpoint: str | None = None,
     rows_per_block: int = 64,
 ):
-    """A Ray Dataset of decoded images ("image" uint8, "label" class index) from manifest rows.
+    """A Ray Dataset of decoded images ("image" uint8, "label" class index, "row" the row's
+    position in `table`: an order that does not depend on how Ray Data ran) from manifest rows.
 
     Files that cannot be decoded are left out with a warning naming the file and the reason;
     callers count them as `table.num_rows - dataset.count()`.
@@ -213,7 +214,8 @@ def decoded_dataset(
     index = {name: i for i, name in enumerate(class_names)}
     # One block per `rows_per_block` files: per-row overhead dominates Ray Data otherwise.
     blocks = max(1, -(-table.num_rows // rows_per_block))
-    source = ray.data.from_arrow(table.select(["path", "label"])).repartition(blocks)
+    rows = table.select(["path", "label"]).append_column("row", pa.array(range(table.num_rows)))
+    source = ray.data.from_arrow(rows).repartition(blocks)
     return source.map_batches(
         _decode_batch,
         batch_format="pyarrow",
@@ -232,16 +234,19 @@ def _decode_batch(
 
     # The filesystem is built here, on the worker, so credentials never travel in task payloads.
     fs = None
-    images, labels = [], []
-    for path, label in zip(batch["path"].to_pylist(), batch["label"].to_pylist(), strict=True):
+    images, labels, rows = [], [], []
+    columns = (batch[c].to_pylist() for c in ("path", "label", "row"))
+    for path, label, row in zip(*columns, strict=True):
         try:
             fs = fs or storage.resolve(path, s3_endpoint)[0]
             images.append(decode_image(storage.read_bytes(fs, storage.fs_path(path)), image_size))
             labels.append(index[label])
+            rows.append(row)
         except (ImageDecodeError, OSError) as exc:
             log.warning("skipped %s: %s", path, str(exc).splitlines()[0] if str(exc) else exc)
     shape = (len(images), image_size, image_size, 3)
     return {
         "image": np.stack(images) if images else np.zeros(shape, np.uint8),
         "label": np.asarray(labels, np.int64),
+        "row": np.asarray(rows, np.int64),
     }

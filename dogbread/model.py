@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 MODEL_FILENAME = "model.keras"
 CARD_FILENAME = "model_card.json"
 LITERT_FILENAME = "model.tflite"  # its LiteRT conversion, when save_model was asked for it
+# Dropout draws from a tf.random.Generator (a variable that training reseeds every epoch), not
+# from stateful ops inside the traced step, whose state no checkpoint holds: a resumed run then
+# draws the masks the uninterrupted run drew. It also gives each worker masks of its own.
+RNG_TYPE = "stateful"
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ def _seed_features(x: Any) -> Any:
     x = keras.layers.Dense(
         256, activation="relu", kernel_regularizer=regularizer, bias_regularizer=regularizer
     )(x)
-    return keras.layers.Dropout(0.25)(x)
+    return keras.layers.Dropout(0.25, rng_type=RNG_TYPE)(x)
 
 
 def _residual_features(x: Any) -> Any:
@@ -135,7 +139,7 @@ def _residual_features(x: Any) -> Any:
         shortcut = layers.Conv2D(filters, 1, strides=2, padding="same")(previous)
         x = previous = layers.add([x, shortcut])
     x = layers.GlobalAveragePooling2D()(x)
-    return layers.Dropout(0.3)(x)
+    return layers.Dropout(0.3, rng_type=RNG_TYPE)(x)
 
 
 def class_probabilities(outputs: np.ndarray) -> np.ndarray:

@@ -10,9 +10,10 @@ batch_size / N images per step, so one step sees the same number of images whate
 learning rate needs no scaling rule: it is used as configured for any worker count.
 
 The decoded splits are materialized once in Ray's object store (spilling to disk when large), so an
-epoch does not decode every JPEG again. Each epoch ends with a checkpoint (current weights, the best
-weights so far, the early-stopping state); a failed worker is restarted by Ray Train
-(FailureConfig) and training continues from the last checkpoint, as does `--resume RUN_DIR`.
+epoch does not decode every JPEG again. Each epoch ends with a checkpoint (current weights with
+Adam's moments and step, the best weights so far, the early-stopping state); a failed worker is
+restarted by Ray Train (FailureConfig) and training continues from the last checkpoint, as does
+`--resume RUN_DIR`.
 What each worker runs is in dogbread/train_worker.py.
 """
 

@@ -23,8 +23,8 @@ from typing import Any
 from dogbread.errors import DataError
 
 CURRENT_WEIGHTS, BEST_WEIGHTS, STATE = "current.weights.h5", "best.weights.h5", "state.json"
-# Test hook: the worker of rank 1 exits hard once, after training in this epoch and before its
-# checkpoint; the marker file records that it did.
+# Test hook: the worker of the last rank exits hard once, after training in this epoch and before
+# its checkpoint; the marker file records that it did.
 FAULT_EPOCH_ENV, FAULT_MARKER_ENV = "DOGBREAD_FAULT_EXIT_AT_EPOCH", "DOGBREAD_FAULT_MARKER"
 
 
@@ -60,6 +60,10 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
+            # The weights file holds Adam's moments and step too, but load_weights skips them
+            # for an optimizer not built yet ("Skipping variable loading for optimizer").
+            with strategy.scope():
+                model.optimizer.build(model.trainable_variables)
             model.load_weights(os.path.join(directory, CURRENT_WEIGHTS))
             shutil.copy(os.path.join(directory, BEST_WEIGHTS), best_path)
             with open(os.path.join(directory, STATE)) as f:
@@ -92,9 +96,9 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
     first = state["epoch"] + 1
     if first > loop_config["epochs"]:  # resumed from the last epoch: nothing to read or train
         return
-    # A resumed run goes on with the learning-rate schedule where its checkpoint left off, not
-    # from the start (Adam's moment estimates are not in the checkpoint: they start over).
-    model.optimizer.iterations.assign(state["epoch"] * steps)
+    # The optimizer's step drives the learning-rate schedule: a resumed run goes on from it.
+    if state["epoch"] and not int(model.optimizer.iterations.numpy()):
+        raise RuntimeError("the checkpoint's optimizer state was not restored")
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     writer = tf.summary.create_file_writer(tensorboard) if rank == 0 else None
@@ -138,13 +142,23 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
             )
         # As tf-keras feeds numpy arrays: shuffled indices, batched, gathered from the arrays.
         # Each copy is let go before the next is made: at most twice the shard at a time.
-        batches = list(read_batches(train_shard))
-        columns = [np.concatenate(column) for column in zip(*batches, strict=True)]
+        batches = list(train_shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy"))
+        columns = {k: np.concatenate([b[k] for b in batches]) for k in ("row", "image", "label")}
         del batches
-        images, labels = tf.constant(columns.pop(0)), tf.constant(columns.pop(0))
-        indices = tf.data.Dataset.range(len(labels))
-        indices = indices.shuffle(len(labels), seed=loop_config["seed"] + first)
-        indices = indices.batch(per_worker_batch, drop_remainder=drop_last).repeat()
+        # Rows in manifest order, whatever order Ray Data handed them over in; then each
+        # epoch's order is a function of (seed, epoch) alone, not of where the run started: a
+        # resumed run trains its next epoch on the batches the uninterrupted run did.
+        in_order = np.argsort(columns.pop("row"), kind="stable")
+        images = tf.constant(columns.pop("image")[in_order])
+        labels = tf.constant(columns.pop("label")[in_order])
+
+        def epoch_batches(epoch: Any) -> Any:
+            seed = tf.stack([tf.constant(loop_config["seed"], tf.int64), epoch])
+            order = tf.random.experimental.stateless_shuffle(tf.range(len(in_order)), seed)
+            batches = tf.data.Dataset.from_tensor_slices(order)
+            return batches.batch(per_worker_batch, drop_remainder=drop_last)
+
+        indices = tf.data.Dataset.range(first, loop_config["epochs"] + 1).flat_map(epoch_batches)
         whole = tf.data.Dataset.from_tensors((images, labels)).repeat()
         pairs = tf.data.Dataset.zip(indices, whole)
         gathered = pairs.map(
@@ -165,10 +179,17 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
         return val_cache if val_cache is not None else read_batches(val_shard)
 
     started: dict[str, float] = {}
+    generators = _random_generators(model)
+
+    def begin_epoch(index: int, logs: dict[str, float]) -> None:
+        started.update(epoch=time.perf_counter())
+        # Dropout's and augmentation's draws: a function of (seed, epoch), as the data order is.
+        for i, generator in enumerate(generators):
+            generator.reset_from_seed(loop_config["seed"] * 1_000_003 + (index + 1) * 101 + i)
 
     def end_epoch(index: int, logs: dict[str, float]) -> None:
         epoch = index + 1  # Keras counts epochs from 0
-        _maybe_inject_fault(epoch, rank)
+        _maybe_inject_fault(epoch, rank, workers)
         # Both the training metrics (reduced by the strategy) and the validation metrics (summed
         # by _validate) are the same on every worker, so all take the same early-stopping
         # decision and none is left waiting alone in a collective.
@@ -220,7 +241,7 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
         verbose=0,
         callbacks=[
             tf_keras.callbacks.LambdaCallback(
-                on_epoch_begin=lambda index, logs: started.update(epoch=time.perf_counter()),
+                on_epoch_begin=begin_epoch,
                 on_epoch_end=end_epoch,
             )
         ],
@@ -230,8 +251,9 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
 def seeded_model(model_config: dict[str, Any], seed: int) -> Any:
     """build_model with its initial weights, dropout and augmentation drawn from `seed`.
 
-    Every worker gets the same seed, so the same initial weights. A run does not repeat bit for
-    bit even so: the order Ray Data hands over the rows, and threaded float sums, vary.
+    Every worker gets the same seed, so the same initial weights. A one-worker run whose shard
+    fits in memory repeats exactly, resumed or not (each epoch's order and random draws depend on
+    the seed and the epoch alone); streamed shards and all-reduced sums of several workers vary.
     """
     import tf_keras
 
@@ -312,9 +334,21 @@ def _format_epoch(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
 
 
-def _maybe_inject_fault(epoch: int, rank: int) -> None:
+def _random_generators(model: Any) -> list[Any]:
+    """The tf.random.Generators of the model's random layers (Dropout with RNG_TYPE "stateful",
+    the augmentation layers). Private tf-keras attributes: tests/test_train.py checks a resumed
+    run against an uninterrupted one, which fails if they move."""
+    found = []
+    for layer in model._flatten_layers():
+        generator = getattr(getattr(layer, "_random_generator", None), "_generator", None)
+        if generator is not None:
+            found.append(generator)
+    return found
+
+
+def _maybe_inject_fault(epoch: int, rank: int, workers: int) -> None:
     marker = os.environ.get(FAULT_MARKER_ENV)
-    if rank != 1 or not marker or str(epoch) != os.environ.get(FAULT_EPOCH_ENV):
+    if rank != workers - 1 or not marker or str(epoch) != os.environ.get(FAULT_EPOCH_ENV):
         return
     if not os.path.exists(marker):
         open(marker, "w").close()
