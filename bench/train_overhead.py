@@ -62,8 +62,10 @@ def dogbread_epochs(manifest: str, workers: int, epochs: int, work: Path) -> dic
     out.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "dogbread", "train", "--data", manifest, "--out", str(out)]
     command += ["--workers", str(workers), "--epochs", str(epochs), "--patience", str(epochs)]
-    # No retries: a run resumed from a checkpoint would mix restarts into the epoch times.
-    command += ["--image-size", str(SIZE), "--batch-size", str(BATCH), "--max-failures", "0"]
+    # No retries: a run resumed from a checkpoint would mix restarts into the epoch times. The
+    # plain fit's batch, split over the workers (--batch-size is per worker), at its rate.
+    command += ["--image-size", str(SIZE), "--batch-size", str(BATCH // workers)]
+    command += ["--learning-rate", str(1e-3 / workers), "--max-failures", "0"]
     (common.CACHE / "ray").mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     done = subprocess.run(command, env=common.ENV, capture_output=True, text=True)

@@ -45,8 +45,9 @@ class TrainConfig:
     workers: int = 2
     use_gpu: bool = False
     epochs: int = 10
-    batch_size: int = 32  # global: each of N workers gets batch_size / N per step
-    learning_rate: float = 1e-3  # for the global batch; not rescaled with the worker count
+    batch_size: int = 32  # per worker: a step of N workers sees N * batch_size images
+    learning_rate: float = 1e-3  # for one worker's batch; N workers train at N times it
+    warmup_epochs: int = 1  # with N > 1 workers, the rate rises from 1x to Nx over these epochs
     image_size: int = 256
     augment: bool = False
     architecture: str = "seed"  # or "residual": stronger from scratch, not the seed's
@@ -63,7 +64,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.workers >= 1, "workers must be at least 1")
         _require(self.epochs >= 1, "epochs must be at least 1")
-        _require(self.batch_size >= self.workers, "batch_size must be at least the worker count")
+        _require(self.batch_size >= 1, "batch_size must be at least 1")
+        _require(self.warmup_epochs >= 0, "warmup_epochs must be at least 0")
         _require(self.learning_rate > 0, "learning_rate must be positive")
         # Three 3x3 convolutions with 2x2 pooling need at least 22 pixels; 32 leaves margin.
         _require(self.image_size >= 32, "image_size must be at least 32")

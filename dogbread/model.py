@@ -45,6 +45,9 @@ class ModelConfig:
     learning_rate: float = 1e-3
     architecture: str = "seed"  # or "residual": stronger from scratch (see _residual_features)
     decay_steps: int = 0  # > 0: cosine decay of the learning rate to 0 over that many steps
+    # > 0: first the rate rises linearly from warmup_from to learning_rate over these steps
+    warmup_steps: int = 0
+    warmup_from: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,14 @@ def build_model(config: ModelConfig = ModelConfig()) -> keras.Model:
         loss = "sparse_categorical_crossentropy"
     model = keras.Model(inputs, outputs, name="dogbread_cnn")
     rate = config.learning_rate
-    if config.decay_steps:
-        rate = keras.optimizers.schedules.CosineDecay(rate, config.decay_steps)
+    if config.decay_steps or config.warmup_steps:  # Keras's own schedule: safe-mode loadable
+        rate = keras.optimizers.schedules.CosineDecay(
+            config.warmup_from if config.warmup_steps else rate,
+            max(config.decay_steps, 1),
+            alpha=0.0 if config.decay_steps else 1.0,  # 1.0: constant once warmed up
+            warmup_target=rate if config.warmup_steps else None,
+            warmup_steps=config.warmup_steps,
+        )
     model.compile(optimizer=keras.optimizers.Adam(rate), loss=loss, metrics=["accuracy"])
     return model
 

@@ -5,9 +5,11 @@ TensorflowTrainer. Keras 3 fails under that strategy (ray-project/ray#47464,
 keras-team/keras#20585); tf-keras is what Ray's own TensorFlow examples use. Gradients are
 all-reduced every step, so every worker holds the same weights (tests/test_train.py checks).
 
-Batch size and learning rate: `batch_size` is the global batch. Each of N workers takes
-batch_size / N images per step, so one step sees the same number of images whatever N is, and the
-learning rate needs no scaling rule: it is used as configured for any worker count.
+Batch size and learning rate: `batch_size` is each worker's batch, so a step of N workers sees
+N * batch_size images and all-reduces the gradients once for them (with a global batch split N
+ways, 8 GPU workers trained on 4 images a step each). `learning_rate` is the rate for one worker's
+batch; N workers train at N times it (the linear scaling rule), reached by a linear warmup over
+`warmup_epochs` (Goyal et al. 2017, "Accurate, Large Minibatch SGD").
 
 The decoded splits are materialized once in Ray's object store (spilling to disk when large), so an
 epoch does not decode every JPEG again. Each epoch ends with a checkpoint (current weights with
@@ -25,7 +27,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import secrets
 import tempfile
@@ -37,7 +38,7 @@ import numpy as np
 from dogbread import console, data, evaluate, storage
 from dogbread.config import CONFIG_FILENAME, TrainConfig, dump_config, load_config
 from dogbread.errors import ConfigError, DataError
-from dogbread.train_worker import BEST_WEIGHTS, STATE, train_loop
+from dogbread.train_worker import BEST_WEIGHTS, STATE, epoch_steps, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,8 @@ def _train_and_evaluate(config: TrainConfig, manifest: data.Manifest) -> dict[st
             "skipped %s unreadable images (train/val/test); Ray's worker logs name each one",
             skipped,
         )
-    needed = config.batch_size if config.workers > 1 else 1  # a full batch: see drop_last
+    # A full global batch: several workers each drop their last, partial batch (see drop_last).
+    needed = config.batch_size * config.workers if config.workers > 1 else 1
     if readable["train"] < needed:
         raise DataError(f"only {readable['train']} readable training images, {needed} needed")
 
@@ -166,16 +168,22 @@ def _train_and_evaluate(config: TrainConfig, manifest: data.Manifest) -> dict[st
 
 
 def _model_config(config: TrainConfig, manifest: data.Manifest, train_images: int = 0) -> Any:
+    """The model and its optimizer's schedule for `train_images` readable training images: the
+    learning rate scaled linearly with the global batch (N workers: N times the rate), reached
+    by a linear warmup over `warmup_epochs` (Goyal et al. 2017), then constant or cosine."""
     from dogbread.model import ModelConfig
 
-    steps = config.epochs * math.ceil(train_images / config.batch_size)
+    steps = epoch_steps(train_images, config.workers, config.batch_size)
+    warmup = steps * config.warmup_epochs if config.workers > 1 else 0
     return ModelConfig(
         image_size=config.image_size,
         num_classes=len(manifest.class_names),
         augment=config.augment,
-        learning_rate=config.learning_rate,
+        learning_rate=config.learning_rate * config.workers,
         architecture=config.architecture,
-        decay_steps=steps if config.lr_schedule == "cosine" else 0,
+        decay_steps=max(config.epochs * steps - warmup, 1) if config.lr_schedule == "cosine" else 0,
+        warmup_steps=warmup,
+        warmup_from=config.learning_rate,
     )
 
 

@@ -85,14 +85,10 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
     # than eager: 0.8 s instead of 1.25 s per epoch for the real photos' 333 val images.
     forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
     workers = context.get_world_size()
-    per_worker_batch = max(1, loop_config["batch_size"] // workers)
-    # Several workers drop their last, partial batch: tf-keras under the strategy crashed on a
-    # one-image batch ("input depth must be evenly divisible by filter depth": 769 photos per
-    # worker, 16 per batch). Ray Train splits the rows equally (n // workers each).
-    drop_last = workers > 1
-    rows = loop_config["train_images"] // workers
+    per_worker_batch = loop_config["batch_size"]
+    drop_last = workers > 1  # see epoch_steps
     # At least 1: dogbread.train refuses fewer readable images than one global batch.
-    steps = rows // per_worker_batch if drop_last else math.ceil(rows / per_worker_batch)
+    steps = epoch_steps(loop_config["train_images"], workers, per_worker_batch)
     first = state["epoch"] + 1
     if first > loop_config["epochs"]:  # resumed from the last epoch: nothing to read or train
         return
@@ -246,6 +242,15 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
             )
         ],
     )
+
+
+def epoch_steps(train_images: int, workers: int, batch_size: int) -> int:
+    """Each worker's steps per epoch. Ray Train splits the rows equally (n // workers each), and
+    several workers drop their last, partial batch: tf-keras under the strategy crashed on a
+    one-image batch ("input depth must be evenly divisible by filter depth": 769 photos per
+    worker, 16 per batch)."""
+    rows = train_images // workers
+    return rows // batch_size if workers > 1 else math.ceil(rows / batch_size)
 
 
 def seeded_model(model_config: dict[str, Any], seed: int) -> Any:

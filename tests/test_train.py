@@ -77,7 +77,8 @@ def _broken(row: dict) -> bool:
 @pytest.fixture(scope="module")
 def two_worker_run(ray_local, training_manifest: str, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("runs") / "two"
-    metrics = train.run(small_config(training_manifest, out, workers=2, epochs=8))
+    # Batches of 8 per worker: the last of each worker's 8k + 1 images is a batch of one.
+    metrics = train.run(small_config(training_manifest, out, workers=2, epochs=8, batch_size=8))
     return out, metrics
 
 
@@ -155,11 +156,14 @@ def test_two_workers_learn_as_well_as_one(ray_local, two_worker_run, training_ma
     _, two = two_worker_run
     # The two-worker run keeps its shards in memory (they are small); this one
     # reads its shard from Ray Data every epoch, so both input paths are held to learning.
-    config = small_config(training_manifest, tmp_path / "one", workers=1, epochs=8)
+    config = small_config(training_manifest, tmp_path / "one", workers=1, epochs=8, batch_size=8)
     one = train.run(dataclasses.replace(config, worker_cache_mib=0))
     every_image = _readable_training_images(training_manifest)
     assert [row["train_images"] for row in one["history"]] == [every_image] * 8
-    # The same global batch and learning rate: the two runs should end up alike.
+    # Batches of 8 on each worker: two workers take steps of 16 images at twice the learning rate
+    # (the linear rule, after a warmup epoch), half as many steps: they should end up alike.
+    assert one["history"][-1]["learning_rate"] == pytest.approx(1e-3)
+    assert two["history"][-1]["learning_rate"] == pytest.approx(2e-3)
     assert one["accuracy"] >= 0.8 and two["accuracy"] >= 0.8, (one["accuracy"], two["accuracy"])
     assert abs(one["accuracy"] - two["accuracy"]) <= 0.12
 
@@ -229,3 +233,32 @@ def test_evaluate_reproduces_the_run_metrics_on_its_test_split(two_worker_run):
     assert again["confusion_matrix"] == metrics["confusion_matrix"]
     assert again["accuracy"] == pytest.approx(metrics["accuracy"])
     assert again["skipped_unreadable"] == metrics["skipped_unreadable"]["test"]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_rate_scales_with_the_workers_after_a_linear_warmup(schedule):
+    """--batch-size is per worker and --learning-rate is one worker's rate: 4 workers train at 4x
+    it, reached linearly over --warmup-epochs; with cosine, the decay follows the warmup."""
+    from dogbread import data
+    from dogbread.model import build_model
+
+    manifest = data.Manifest(pa.table({"label": ["bread", "dog"]}), ("bread", "dog"))
+    config = TrainConfig(data="d", out="o", workers=4, batch_size=8, epochs=3, lr_schedule=schedule)
+    model_config = train._model_config(config, manifest, train_images=4 * 8 * 10)  # 10 steps
+    assert (model_config.learning_rate, model_config.warmup_from) == (4e-3, 1e-3)
+    assert model_config.warmup_steps == 10
+    import tf_keras as keras
+
+    saved = build_model(model_config).optimizer.get_config()["learning_rate"]  # as saved
+    rate = keras.optimizers.schedules.deserialize(saved)
+    at = {step: float(rate(step)) for step in (0, 5, 10, 20, 30)}
+    assert at[0] == pytest.approx(1e-3) and at[5] == pytest.approx(2.5e-3)
+    assert at[10] == pytest.approx(4e-3)
+    if schedule == "constant":
+        assert at[20] == at[30] == pytest.approx(4e-3)
+    else:
+        assert at[20] == pytest.approx(2e-3) and at[30] == pytest.approx(0, abs=1e-9)
+    one_worker = train._model_config(
+        dataclasses.replace(config, workers=1), manifest, train_images=80
+    )
+    assert (one_worker.learning_rate, one_worker.warmup_steps) == (1e-3, 0)
