@@ -14,6 +14,7 @@ from dogbread import data, storage
 from dogbread.errors import DataError
 
 log = logging.getLogger(__name__)
+SCORE_BATCH = 64  # images per scoring call
 
 
 def classification_metrics(
@@ -24,9 +25,19 @@ def classification_metrics(
     For two classes, top-level precision and recall are those of class 1 (`dog` in our data),
     as in the seed notebook; for more, they are macro averages.
     """
-    n = len(class_names)
-    matrix = np.zeros((n, n), np.int64)
+    return metrics_of_confusion(confusion(y_true, y_pred, len(class_names)), class_names)
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts of (true class, predicted class) pairs: rows true, columns predicted."""
+    matrix = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(matrix, (np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)), 1)
+    return matrix
+
+
+def metrics_of_confusion(matrix: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """classification_metrics from the confusion matrix alone."""
+    n = len(class_names)
     predicted, actual = matrix.sum(axis=0), matrix.sum(axis=1)
     diagonal = np.diag(matrix)
     precision = np.divide(diagonal, predicted, out=np.zeros(n), where=predicted > 0)
@@ -62,25 +73,51 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def predict_labels(model: Any, dataset: Any, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(true, predicted) class indices over a decoded Ray Dataset."""
-    from dogbread.model import predict_probabilities
+class ConfusionCounter:
+    """A Ray Data actor that scores batches of decoded images and returns only their confusion
+    counts: the pixels and predictions of a test split of any size stay on the cluster, and the
+    driver sums a k x k matrix per batch."""
 
-    y_true, y_pred = [], []
-    for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        y_true.append(batch["label"])
-        y_pred.append(np.argmax(predict_probabilities(model, batch["image"]), axis=1))
-    if not y_true:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(y_true), np.concatenate(y_pred)
+    def __init__(self, architecture: str, weights: list[np.ndarray], num_classes: int) -> None:
+        import tf_keras as keras
+
+        # The driver's model, loaded there in safe mode or built by dogbread: its JSON and weights.
+        self.model = keras.models.model_from_json(architecture)
+        self.model.set_weights(weights)
+        self.num_classes = num_classes
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from dogbread.model import predict_probabilities
+
+        predicted = np.argmax(predict_probabilities(self.model, batch["image"]), axis=1)
+        return {"confusion": confusion(batch["label"], predicted, self.num_classes)[np.newaxis]}
 
 
 def evaluate_decoded(
     model: Any, dataset: Any, class_names: Sequence[str], expected_rows: int
 ) -> dict[str, Any]:
-    y_true, y_pred = predict_labels(model, dataset)
-    metrics = classification_metrics(y_true, y_pred, class_names)
-    metrics["skipped_unreadable"] = expected_rows - len(y_true)
+    """Metrics of `model` on a decoded dataset (data.decoded_dataset), scored by a pool of
+    ConfusionCounter actors that grows with the cluster's CPUs; images `expected_rows` had but
+    the dataset does not (unreadable) are counted as skipped."""
+    import ray
+
+    n = len(class_names)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    counts = dataset.map_batches(
+        ConfusionCounter,
+        fn_constructor_args=(model.to_json(), model.get_weights(), n),
+        batch_size=SCORE_BATCH,
+        batch_format="numpy",
+        # Half a CPU each, and one CPU left for decoding tasks: a pool that took every CPU
+        # starved the tasks that feed it.
+        num_cpus=0.5,
+        concurrency=(1, max(1, 2 * (cpus - 1))),
+    )
+    matrix = np.zeros((n, n), np.int64)
+    for batch in counts.iter_batches(batch_size=None, batch_format="numpy"):
+        matrix += batch["confusion"].sum(axis=0)
+    metrics = metrics_of_confusion(matrix, class_names)
+    metrics["skipped_unreadable"] = expected_rows - metrics["images"]
     return metrics
 
 

@@ -234,6 +234,24 @@ def test_evaluate_reproduces_the_run_metrics_on_its_test_split(two_worker_run):
     assert again["accuracy"] == pytest.approx(metrics["accuracy"])
     assert again["skipped_unreadable"] == metrics["skipped_unreadable"]["test"]
 
+    # The actors' summed counts are what scoring each test image here, one by one, gives.
+    from dogbread.images import ImageDecodeError, decode_image
+    from dogbread.model import predict_probabilities
+
+    model, card = load_model(str(out))
+    truth, predicted = [], []
+    for row in pq.read_table(out / "manifest.parquet").to_pylist():
+        try:
+            if row["split"] != "test":
+                continue
+            image = decode_image(Path(row["path"]).read_bytes(), card.image_size)
+        except ImageDecodeError:
+            continue
+        truth.append(card.class_names.index(row["label"]))
+        predicted.append(int(np.argmax(predict_probabilities(model, image[np.newaxis]))))
+    expected = evaluate.classification_metrics(np.array(truth), predicted, card.class_names)
+    assert metrics["confusion_matrix"] == expected["confusion_matrix"]
+
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_the_rate_scales_with_the_workers_after_a_linear_warmup(schedule):
