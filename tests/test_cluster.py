@@ -145,11 +145,20 @@ def run_job(head: Head, job: str, args: list[str], timeout: float) -> str:
     from ray.job_submission import JobStatus
 
     client = _client(head)
-    job_id = client.submit_job(
-        entrypoint=shlex.join(["python", f"jobs/{job}.py", *args]),
-        runtime_env=submit.runtime_env(ROOT),
-    )
     deadline = time.monotonic() + timeout
+    while True:
+        try:
+            job_id = client.submit_job(
+                entrypoint=shlex.join(["python", f"jobs/{job}.py", *args]),
+                runtime_env=submit.runtime_env(ROOT),
+            )
+            break
+        except RuntimeError as exc:
+            # The dashboard answers before the head's job agent has registered with it (seen
+            # in CI on a loaded machine): the submission is refused until then.
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
     while not (status := client.get_job_status(job_id)).is_terminal():
         if time.monotonic() > deadline:
             client.stop_job(job_id)
