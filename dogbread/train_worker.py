@@ -36,7 +36,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
 def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
     """The epochs of one worker; `work` holds its best weights and TensorBoard logs."""
-    import numpy as np
     import ray
     import ray.train
     import tensorflow as tf
@@ -59,18 +58,7 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
     tensorboard = os.path.join(work, "tensorboard")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as directory:
-            # The weights file holds Adam's moments and step too, but load_weights skips them
-            # for an optimizer not built yet ("Skipping variable loading for optimizer").
-            with strategy.scope():
-                model.optimizer.build(model.trainable_variables)
-            model.load_weights(os.path.join(directory, CURRENT_WEIGHTS))
-            shutil.copy(os.path.join(directory, BEST_WEIGHTS), best_path)
-            with open(os.path.join(directory, STATE)) as f:
-                state = json.load(f)
-            if os.path.isdir(os.path.join(directory, "tensorboard")):
-                shutil.copytree(os.path.join(directory, "tensorboard"), tensorboard)
-        state["resumed_after_epochs"].append(state["epoch"])
+        state = _restore(checkpoint, strategy, model, work)
         print(f"[rank {rank}] resumed from the checkpoint of epoch {state['epoch']}", flush=True)
     # Where the workers run: (Ray node id, GPUs Ray assigned) per worker, for the run's record.
     # The node id, not Train's node rank: nodes that share an IP share a node rank.
@@ -136,32 +124,9 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
                     tf.TensorSpec((None,), tf.int64),
                 ),
             )
-        # As tf-keras feeds numpy arrays: shuffled indices, batched, gathered from the arrays.
-        # Each copy is let go before the next is made: at most twice the shard at a time.
-        batches = list(train_shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy"))
-        columns = {k: np.concatenate([b[k] for b in batches]) for k in ("row", "image", "label")}
-        del batches
-        # Rows in manifest order, whatever order Ray Data handed them over in; then each
-        # epoch's order is a function of (seed, epoch) alone, not of where the run started: a
-        # resumed run trains its next epoch on the batches the uninterrupted run did.
-        in_order = np.argsort(columns.pop("row"), kind="stable")
-        images = tf.constant(columns.pop("image")[in_order])
-        labels = tf.constant(columns.pop("label")[in_order])
-
-        def epoch_batches(epoch: Any) -> Any:
-            seed = tf.stack([tf.constant(loop_config["seed"], tf.int64), epoch])
-            order = tf.random.experimental.stateless_shuffle(tf.range(len(in_order)), seed)
-            batches = tf.data.Dataset.from_tensor_slices(order)
-            return batches.batch(per_worker_batch, drop_remainder=drop_last)
-
-        indices = tf.data.Dataset.range(first, loop_config["epochs"] + 1).flat_map(epoch_batches)
-        whole = tf.data.Dataset.from_tensors((images, labels)).repeat()
-        pairs = tf.data.Dataset.zip(indices, whole)
-        gathered = pairs.map(
-            lambda picks, both: (tf.gather(both[0], picks), tf.gather(both[1], picks)),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
-        return gathered.prefetch(tf.data.AUTOTUNE)
+        epochs = (first, loop_config["epochs"])
+        seed = loop_config["seed"]
+        return _in_memory_batches(train_shard, per_worker_batch, drop_last, seed, epochs)
 
     # One pipeline for the run, not one per epoch: see the module docstring. Each worker's
     # batches are its replica's batches. A plain tf.data.Dataset passed to fit() would be taken
@@ -242,6 +207,60 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
             )
         ],
     )
+
+
+def _restore(checkpoint: Any, strategy: Any, model: Any, work: str) -> dict[str, Any]:
+    """Load a checkpoint into the model (weights, Adam's moments and step) and `work` (the best
+    weights, TensorBoard logs); return its training state."""
+    with checkpoint.as_directory() as directory:
+        # The weights file holds Adam's moments and step too, but load_weights skips them for
+        # an optimizer not built yet ("Skipping variable loading for optimizer").
+        with strategy.scope():
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(os.path.join(directory, CURRENT_WEIGHTS))
+        shutil.copy(os.path.join(directory, BEST_WEIGHTS), os.path.join(work, BEST_WEIGHTS))
+        with open(os.path.join(directory, STATE)) as f:
+            state = json.load(f)
+        if os.path.isdir(os.path.join(directory, "tensorboard")):
+            shutil.copytree(
+                os.path.join(directory, "tensorboard"), os.path.join(work, "tensorboard")
+            )
+    state["resumed_after_epochs"].append(state["epoch"])
+    return state
+
+
+def _in_memory_batches(
+    shard: Any, batch_size: int, drop_last: bool, seed: int, epochs: tuple[int, int]
+) -> Any:
+    """A worker's batches of epochs first..last (`epochs`) from its shard read once into memory,
+    as tf-keras feeds numpy arrays: shuffled indices, batched, gathered from the arrays. Rows are
+    put in manifest order, whatever order Ray Data handed them over in, and each epoch's order
+    is a function of (seed, epoch) alone, not of where the run started: a resumed run trains its
+    next epoch on the batches the uninterrupted run did."""
+    import numpy as np
+    import tensorflow as tf
+
+    # Each copy is let go before the next is made: at most twice the shard at a time.
+    batches = list(shard.iter_batches(batch_size=batch_size, batch_format="numpy"))
+    columns = {k: np.concatenate([b[k] for b in batches]) for k in ("row", "image", "label")}
+    del batches
+    in_order = np.argsort(columns.pop("row"), kind="stable")
+    images = tf.constant(columns.pop("image")[in_order])
+    labels = tf.constant(columns.pop("label")[in_order])
+
+    def epoch_batches(epoch: Any) -> Any:
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(len(in_order)), tf.stack([tf.constant(seed, tf.int64), epoch])
+        )
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_last)
+
+    indices = tf.data.Dataset.range(epochs[0], epochs[1] + 1).flat_map(epoch_batches)
+    whole = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    gathered = tf.data.Dataset.zip(indices, whole).map(
+        lambda picks, both: (tf.gather(both[0], picks), tf.gather(both[1], picks)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return gathered.prefetch(tf.data.AUTOTUNE)
 
 
 def epoch_steps(train_images: int, workers: int, batch_size: int) -> int:
