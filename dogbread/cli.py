@@ -17,7 +17,7 @@ from typing import Any
 
 from dogbread import console
 from dogbread.config import EnsembleConfig, LabelConfig, SynthConfig, TrainConfig, load_config
-from dogbread.errors import DogbreadError
+from dogbread.errors import DogbreadError, first_line
 
 VERBOSE_HELP = "show every log on the terminal (default: in a log file, shown only on errors)"
 # Short flags users expect, beside the generated --field-name ones.
@@ -132,9 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             # The root logger: only the log file gets the traceback, not our terminal handler.
             logging.getLogger().exception("dogbread %s failed", args.command)
-            reason = (str(exc).strip().splitlines() or [""])[0]
+            reason = f"{type(exc).__name__}: {first_line(exc)}"
             print(
-                f"dogbread: error: {type(exc).__name__}: {reason} (full log: {log_path})",
+                f"dogbread: error: {reason} (full log: {log_path})",
                 file=console.terminal(),
             )
             return 1

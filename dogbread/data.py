@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dogbread import storage
-from dogbread.errors import DataError, StorageError
+from dogbread.errors import DataError, StorageError, first_line
 from dogbread.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def list_files(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSyste
             raise DataError(f"bucket not found: s3://{bucket}")
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as exc:
-        raise StorageError(f"cannot list {uri}: {storage.first_line(exc)}") from None
+        raise StorageError(f"cannot list {uri}: {first_line(exc)}") from None
     return fs, root, sorted(i.path for i in infos if i.type == pafs.FileType.File)
 
 
@@ -153,7 +153,7 @@ def write_manifest(manifest: Manifest, uri: str, s3_endpoint: str | None = None)
         else:
             pq.write_table(manifest.table, path, filesystem=fs)
     except OSError as exc:
-        raise StorageError(f"cannot write manifest {uri}: {storage.first_line(exc)}") from None
+        raise StorageError(f"cannot write manifest {uri}: {first_line(exc)}") from None
 
 
 def read_table_file(
@@ -169,7 +169,7 @@ def read_table_file(
                 return pacsv.read_csv(stream, convert_options=types)
         return pq.read_table(path, filesystem=fs)
     except (OSError, pa.ArrowInvalid) as exc:
-        raise DataError(f"cannot read manifest {uri}: {storage.first_line(exc)}") from None
+        raise DataError(f"cannot read manifest {uri}: {first_line(exc)}") from None
 
 
 def read_manifest(uri: str, s3_endpoint: str | None = None) -> Manifest:

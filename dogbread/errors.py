@@ -23,3 +23,8 @@ class StorageError(DogbreadError):
 
 class ClusterError(DogbreadError):
     """A Ray cluster that cannot be reached or joined."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message for a one-line error: its first line, or its type's name."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from dogbread import storage
+from dogbread.errors import first_line
 from dogbread.images import DEFAULT_MAX_BYTES, ImageDecodeError, decode_image
 from dogbread.output import OUTPUT_SCHEMA, Output, write_batch
 
@@ -213,4 +214,4 @@ def read_file(fs: pafs.FileSystem, uri: str) -> bytes | str:
                 return f"too_large: {f.size()} bytes, limit is {DEFAULT_MAX_BYTES}"
             return f.read()
     except (OSError, pa.ArrowException) as exc:
-        return f"unreadable: {storage.first_line(exc)}"
+        return f"unreadable: {first_line(exc)}"

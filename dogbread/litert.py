@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dogbread.errors import first_line
+
 if TYPE_CHECKING:  # TensorFlow is imported where a model is converted: see LiteRTModel
     import tf_keras as keras
 
@@ -133,8 +135,7 @@ def _convert(model: keras.Model) -> LiteRTModel | None:
         expected = model(check, training=False).numpy()
         difference = float(np.max(np.abs(converted(check) - expected)))
     except Exception as exc:  # whatever fails in converting or running, Keras stays in charge
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        log.warning("inference runs in Keras: the LiteRT conversion failed (%s)", reason)
+        log.warning("inference runs in Keras: the LiteRT conversion failed (%s)", first_line(exc))
         return None
     if not difference <= LITERT_TOLERANCE:  # written so that NaN fails too
         log.warning(

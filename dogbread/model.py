@@ -20,7 +20,7 @@ import numpy as np
 import dogbread
 from dogbread import storage
 from dogbread.config import ARCHITECTURES
-from dogbread.errors import ModelError, StorageError
+from dogbread.errors import ModelError, StorageError, first_line
 from dogbread.litert import LiteRTModel, inference_model
 
 if TYPE_CHECKING:  # TensorFlow is imported where a model is built or loaded: see LiteRTModel
@@ -241,8 +241,7 @@ def load_model(uri: str, s3_endpoint: str | None = None) -> tuple[keras.Model, M
             # safe_mode refuses models that carry arbitrary code (Lambda layers).
             model = keras.models.load_model(local, safe_mode=True)
         except Exception as exc:  # Keras raises many types for a bad file
-            line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ModelError(f"cannot load model {uri}: {line}") from None
+            raise ModelError(f"cannot load model {uri}: {first_line(exc)}") from None
     card_uri = storage.join(directory, CARD_FILENAME)
     if storage.exists(card_uri, s3_endpoint):
         card = ModelCard.from_json(storage.read_text(card_uri, s3_endpoint))

@@ -40,7 +40,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dogbread import storage
-from dogbread.errors import ConfigError, StorageError
+from dogbread.errors import ConfigError, StorageError, first_line
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -306,7 +306,7 @@ def legacy_parts(out: Output, model_version: str) -> list[str]:
     try:
         versions = pq.read_table(parts[0], filesystem=out.fs, columns=["model_version"])
     except (OSError, pa.ArrowInvalid) as exc:
-        line = storage.first_line(exc)
+        line = first_line(exc)
         raise StorageError(f"cannot read the parts already in {out.uri}: {line}") from None
     others = set(pc.unique(versions["model_version"]).to_pylist()) - {model_version}
     if others:

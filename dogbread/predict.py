@@ -13,6 +13,7 @@ from typing import TextIO
 import numpy as np
 
 from dogbread import storage
+from dogbread.errors import first_line
 from dogbread.images import ImageDecodeError, decode_image
 from dogbread.model import label_predictions, load_litert, load_model, predict_probabilities
 
@@ -33,7 +34,7 @@ def run(
             image = decode_image(storage.read_bytes(fs, path), card.image_size)
         except (ImageDecodeError, OSError) as exc:
             failed += 1
-            error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            error = first_line(exc)
             row = {"path": uri, "label": None, "score": None, "probabilities": None, "error": error}
             print(json.dumps(row) if as_json else f"error   {uri}  ({error})", file=out, flush=True)
             continue

@@ -33,7 +33,7 @@ from PIL import Image
 
 from dogbread import output, storage
 from dogbread.config import CONFIG_FILENAME
-from dogbread.errors import DataError
+from dogbread.errors import DataError, first_line
 from dogbread.images import ImageDecodeError, decode_image
 from dogbread.labeler import read_file
 
@@ -84,7 +84,7 @@ def try_write_report(target: str, s3_endpoint: str | None = None) -> None:
     try:
         log.info("report written to %s", write_report(target, s3_endpoint))
     except Exception as exc:  # any bug here must not turn a finished job into a failed one
-        log.warning("no report for %s: %s", target, storage.first_line(exc))
+        log.warning("no report for %s: %s", target, first_line(exc))
 
 
 # --- label outputs -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from dogbread.errors import StorageError
+from dogbread.errors import StorageError, first_line
 
 
 def is_s3(uri: str) -> bool:
@@ -159,7 +159,3 @@ def check_writable(uri: str, s3_endpoint: str | None = None) -> None:
     write_bytes(probe, b"", s3_endpoint)
     fs, path = resolve(probe, s3_endpoint)
     fs.delete_file(path)
-
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

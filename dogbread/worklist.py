@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dogbread import storage
-from dogbread.errors import DataError, StorageError
+from dogbread.errors import DataError, StorageError, first_line
 
 WORK_SCHEMA = pa.schema([("path", pa.string()), ("hidden", pa.bool_())])
 MANIFEST_SUFFIXES = (".csv", ".csv.gz", ".parquet")
@@ -105,7 +105,7 @@ def resolve(source: str, s3_endpoint: str | None) -> WorkList:
             raise DataError(f"no files to label in {source}")
         return WorkList(source, fs, root, files, cwd=cwd)
     except OSError as exc:
-        raise StorageError(f"cannot read {source}: {storage.first_line(exc)}") from None
+        raise StorageError(f"cannot read {source}: {first_line(exc)}") from None
 
 
 def _check_folder(source: str, fs: pafs.FileSystem, root: str) -> None:
@@ -199,7 +199,7 @@ def _manifest_tables(work: WorkList, file: str) -> Any:
             for batch in pacsv.open_csv(stream, read_options=read, convert_options=types):
                 yield pa.Table.from_batches([batch])
     except (OSError, pa.ArrowInvalid) as exc:
-        raise DataError(f"cannot read manifest {file}: {storage.first_line(exc)}") from None
+        raise DataError(f"cannot read manifest {file}: {first_line(exc)}") from None
 
 
 def _paths(table: pa.Table, work: WorkList, file: str) -> pa.Array:
@@ -266,7 +266,7 @@ def _list_folders(fs: pafs.FileSystem, root: str, folders: list[str]) -> tuple[p
             else:
                 _scan_local(folder, files, subfolders)
         except OSError as exc:
-            raise StorageError(f"cannot list {folder}: {storage.first_line(exc)}") from None
+            raise StorageError(f"cannot list {folder}: {first_line(exc)}") from None
     hidden = [_hidden(p, root) for p in files]
     table = pa.table({"path": pa.array(files, pa.string()), "hidden": hidden}, WORK_SCHEMA)
     return table, (subfolders, len(files))
