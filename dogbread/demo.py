@@ -14,6 +14,10 @@ from dogbread.config import LabelConfig, TrainConfig
 
 TRAIN_PER_CLASS = 150
 EPOCHS = 6
+WORKERS = 2
+# Steps of 32 images at Adam's default rate, as the demo trained before --batch-size became per
+# worker: at 32 per worker its 225 training images made 3 steps an epoch, too few to learn in 6.
+BATCH_PER_WORKER, RATE_PER_WORKER = 32 // WORKERS, 1e-3 / WORKERS
 
 
 def run(out: str = "demo-out", s3: bool = False, images: int = 2000) -> int:
@@ -30,10 +34,17 @@ def run(out: str = "demo-out", s3: bool = False, images: int = 2000) -> int:
     with _locations(root, s3) as (data, inbox, run_dir, labels, endpoint):
         started = ensure_ray()
         try:
-            print(f"demo: training the seed CNN on 2 workers for up to {EPOCHS} epochs")
-            train.run(
-                TrainConfig(data=data, out=run_dir, workers=2, epochs=EPOCHS, s3_endpoint=endpoint)
+            print(f"demo: training the seed CNN on {WORKERS} workers for up to {EPOCHS} epochs")
+            config = TrainConfig(
+                data=data,
+                out=run_dir,
+                workers=WORKERS,
+                epochs=EPOCHS,
+                batch_size=BATCH_PER_WORKER,
+                learning_rate=RATE_PER_WORKER,
+                s3_endpoint=endpoint,
             )
+            train.run(config)
             print(f"demo: labeling {2 * max(1, images // 2)} new images")
             summary = label.run(
                 LabelConfig(model=run_dir, input=inbox, output=labels, s3_endpoint=endpoint)
