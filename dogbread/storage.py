@@ -49,8 +49,11 @@ def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
         kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
     return _S3FileSystem(
         region=session.region_name or os.environ.get("AWS_REGION") or "us-east-1",
-        # A store that goes away for a few seconds is retried rather than failing the job.
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=10),
+        # A store that goes away for a while is retried rather than failing the job: 11 retries,
+        # 50 ms to 51 s apart, ride out ~100 s. Not the "standard" strategy: its retry quota,
+        # shared by a process's parallel reads, ran dry in a 7 s outage and then every read
+        # failed at once, without a retry.
+        retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=12),
         **kwargs,
     )
 

@@ -176,7 +176,7 @@ def test_an_s3_outage_of_a_few_seconds_mid_run_is_ridden_out_and_the_run_finishe
             time.sleep(0.1)
         rows_before_outage = kept_rows(parts())
         own_s3.stop()  # reads, writes and listings now fail to connect
-        time.sleep(4)
+        time.sleep(12)  # many retries of many parallel reads: enough to drain a retry quota
         still_running = thread.is_alive()
         own_s3.start()  # same ports, same data
         thread.join(600)
