@@ -202,31 +202,41 @@ def decoded_dataset(
     image_size: int,
     s3_endpoint: str | None = None,
     rows_per_block: int = 64,
+    keep_unreadable: bool = False,
 ):
     """A Ray Dataset of decoded images ("image" uint8, "label" class index, "row" the row's
-    position in `table`: an order that does not depend on how Ray Data ran) from manifest rows.
+    position in `table`: an order that does not depend on how Ray Data ran) from manifest rows,
+    decoded in Ray Data tasks of half a CPU, wherever the cluster has one.
 
-    Files that cannot be decoded are left out with a warning naming the file and the reason;
-    callers count them as `table.num_rows - dataset.count()`.
+    Files that cannot be decoded get a warning naming the file and the reason. They are left out,
+    callers counting them as `table.num_rows - dataset.count()`; or, with `keep_unreadable`, kept
+    as a black image with "weight" 0 (1 for the others), so that a training step count planned
+    from the manifest holds.
     """
     import ray
 
     index = {name: i for i, name in enumerate(class_names)}
     # One block per `rows_per_block` files: per-row overhead dominates Ray Data otherwise.
     blocks = max(1, -(-table.num_rows // rows_per_block))
-    rows = table.select(["path", "label"]).append_column("row", pa.array(range(table.num_rows)))
-    source = ray.data.from_arrow(rows).repartition(blocks)
+    if "row" not in table.column_names:
+        table = table.append_column("row", pa.array(range(table.num_rows), pa.int64()))
+    source = ray.data.from_arrow(table.select(["path", "label", "row"])).repartition(blocks)
+    options = {"image_size": image_size, "index": index, "s3_endpoint": s3_endpoint}
     return source.map_batches(
         _decode_batch,
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=0.5,
-        fn_kwargs={"image_size": image_size, "index": index, "s3_endpoint": s3_endpoint},
+        fn_kwargs={**options, "keep_unreadable": keep_unreadable},
     )
 
 
 def _decode_batch(
-    batch: pa.Table, image_size: int, index: dict[str, int], s3_endpoint: str | None
+    batch: pa.Table,
+    image_size: int,
+    index: dict[str, int],
+    s3_endpoint: str | None,
+    keep_unreadable: bool,
 ) -> dict:
     import numpy as np
 
@@ -234,19 +244,27 @@ def _decode_batch(
 
     # The filesystem is built here, on the worker, so credentials never travel in task payloads.
     fs = None
-    images, labels, rows = [], [], []
+    black = np.zeros((image_size, image_size, 3), np.uint8)
+    images, labels, rows, weights = [], [], [], []
     columns = (batch[c].to_pylist() for c in ("path", "label", "row"))
     for path, label, row in zip(*columns, strict=True):
         try:
             fs = fs or storage.resolve(path, s3_endpoint)[0]
-            images.append(decode_image(storage.read_bytes(fs, storage.fs_path(path)), image_size))
-            labels.append(index[label])
-            rows.append(row)
+            image = decode_image(storage.read_bytes(fs, storage.fs_path(path)), image_size)
+            weight = 1.0
         except (ImageDecodeError, OSError) as exc:
             log.warning("skipped %s: %s", path, str(exc).splitlines()[0] if str(exc) else exc)
+            if not keep_unreadable:
+                continue
+            image, weight = black, 0.0
+        images.append(image)
+        labels.append(index[label])
+        rows.append(row)
+        weights.append(weight)
     shape = (len(images), image_size, image_size, 3)
-    return {
+    decoded = {
         "image": np.stack(images) if images else np.zeros(shape, np.uint8),
         "label": np.asarray(labels, np.int64),
         "row": np.asarray(rows, np.int64),
     }
+    return decoded | ({"weight": np.asarray(weights, np.float32)} if keep_unreadable else {})

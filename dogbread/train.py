@@ -11,12 +11,13 @@ ways, 8 GPU workers trained on 4 images a step each). `learning_rate` is the rat
 batch; N workers train at N times it (the linear scaling rule), reached by a linear warmup over
 `warmup_epochs` (Goyal et al. 2017, "Accurate, Large Minibatch SGD").
 
-The decoded splits are materialized once in Ray's object store (spilling to disk when large), so an
-epoch does not decode every JPEG again. Each epoch ends with a checkpoint (current weights with
-Adam's moments and step, the best weights so far, the early-stopping state); a failed worker is
-restarted by Ray Train (FailureConfig) and training continues from the last checkpoint, as does
-`--resume RUN_DIR`.
-What each worker runs is in dogbread/train_worker.py.
+Each worker reads and decodes its own images as the epochs go, in Ray Data tasks anywhere in the
+cluster, or once when they fit in its memory (dogbread/train_data.py); nothing that grows with the
+images stays in the driver or the object store, and the test split is scored by Ray Data actors
+that return only confusion counts (dogbread/evaluate.py). Each epoch ends with a checkpoint
+(current weights with Adam's moments and step, the best weights so far, the early-stopping state);
+a failed worker is restarted by Ray Train (FailureConfig) and training continues from the last
+checkpoint, as does `--resume RUN_DIR`. What each worker runs is in dogbread/train_worker.py.
 """
 
 from __future__ import annotations
@@ -118,40 +119,33 @@ def resume(run_dir: str, s3_endpoint: str | None = None) -> dict[str, Any]:
 def _train_and_evaluate(config: TrainConfig, manifest: data.Manifest) -> dict[str, Any]:
     from dogbread.model import build_model
 
-    decoded, readable, skipped = {}, {}, {}
-    for split in data.SPLITS:
-        table = manifest.split(split)
-        if split == "train":
-            # Listings are sorted, so class folders come one after another; the shuffle buffer
-            # per epoch is far smaller than a class, so mix the rows once here (seeded).
-            order = np.random.default_rng(config.seed).permutation(table.num_rows)
-            table = table.take(order)
-        dataset = data.decoded_dataset(
-            table, manifest.class_names, config.image_size, config.s3_endpoint
-        ).materialize()
-        # A new block order every epoch (the blocks stay in the object store; only order changes).
-        decoded[split] = dataset.randomize_block_order() if split == "train" else dataset
-        readable[split] = dataset.count()
-        skipped[split] = table.num_rows - readable[split]
-    if sum(skipped.values()):
-        log.warning(  # the decoding tasks name each one, in Ray's worker logs (-v: here)
-            "skipped %s unreadable images (train/val/test); Ray's worker logs name each one",
-            skipped,
-        )
+    rows = {split: manifest.split(split).num_rows for split in data.SPLITS}
     # A full global batch: several workers each drop their last, partial batch (see drop_last).
     needed = config.batch_size * config.workers if config.workers > 1 else 1
-    if readable["train"] < needed:
-        raise DataError(f"only {readable['train']} readable training images, {needed} needed")
+    if rows["train"] < needed:
+        raise DataError(f"only {rows['train']} training images, {needed} needed")
 
-    checkpoint = _fit(config, manifest, decoded, readable)
+    checkpoint = _fit(config, manifest)
     model = build_model(_model_config(config, manifest))
     with checkpoint.as_directory() as directory:
         with open(os.path.join(directory, STATE)) as f:
             state = json.load(f)
         model.load_weights(os.path.join(directory, BEST_WEIGHTS))
-        metrics = evaluate.evaluate_decoded(
-            model, decoded["test"], manifest.class_names, manifest.split("test").num_rows
+        test = data.decoded_dataset(
+            manifest.split("test"), manifest.class_names, config.image_size, config.s3_endpoint
         )
+        metrics = evaluate.evaluate_decoded(model, test, manifest.class_names, rows["test"])
+        last = state["history"][-1]
+        skipped = {
+            "train": last.get("unreadable_images", 0),
+            "val": rows["val"] - last.get("val_images", rows["val"]),
+            "test": metrics["skipped_unreadable"],
+        }
+        if sum(skipped.values()):
+            log.warning(  # the decoding tasks name each one, in Ray's worker logs (-v: here)
+                "skipped %s unreadable images (train/val/test); Ray's worker logs name each one",
+                skipped,
+            )
         metrics.update(
             skipped_unreadable=skipped,
             best_epoch=state["best_epoch"],
@@ -168,7 +162,7 @@ def _train_and_evaluate(config: TrainConfig, manifest: data.Manifest) -> dict[st
 
 
 def _model_config(config: TrainConfig, manifest: data.Manifest, train_images: int = 0) -> Any:
-    """The model and its optimizer's schedule for `train_images` readable training images: the
+    """The model and its optimizer's schedule for `train_images` training images: the
     learning rate scaled linearly with the global batch (N workers: N times the rate), reached
     by a linear warmup over `warmup_epochs` (Goyal et al. 2017), then constant or cosine."""
     from dogbread.model import ModelConfig
@@ -187,9 +181,12 @@ def _model_config(config: TrainConfig, manifest: data.Manifest, train_images: in
     )
 
 
-def _fit(config: TrainConfig, manifest: data.Manifest, decoded: dict, readable: dict) -> Any:
-    """Run the TensorflowTrainer on the decoded splits (`readable`: their image counts);
-    returns the last checkpoint (state, current and best weights)."""
+def _fit(config: TrainConfig, manifest: data.Manifest) -> Any:
+    """Run the TensorflowTrainer; returns the last checkpoint (state, current and best weights).
+
+    The workers get the train and val path tables through the object store (put once, ~100
+    bytes an image), and read and decode their images themselves (dogbread/train_data.py)."""
+    import ray
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
@@ -198,20 +195,28 @@ def _fit(config: TrainConfig, manifest: data.Manifest, decoded: dict, readable: 
     # on to its controller, so a user's own setting still wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     fs, path = storage.resolve(config.out, config.s3_endpoint)
+    train_images = manifest.split("train").num_rows
     checkpoints = "checkpoints"  # the run's name in Ray Train: its folder under the storage path
     trainer = TensorflowTrainer(
         train_loop,
         train_loop_config={
-            "model": dataclasses.asdict(_model_config(config, manifest, readable["train"])),
+            "model": dataclasses.asdict(_model_config(config, manifest, train_images)),
             "epochs": config.epochs,
             "batch_size": config.batch_size,
             "patience": config.patience,
             "seed": config.seed,
-            "train_images": readable["train"],
-            "val_images": readable["val"],
+            "train_table": ray.put(manifest.split("train").select(["path", "label"])),
+            "val_table": ray.put(manifest.split("val").select(["path", "label"])),
+            "class_names": manifest.class_names,
+            "s3_endpoint": config.s3_endpoint,
             "worker_cache_mib": config.worker_cache_mib,
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": _cpus_per_worker(config.workers)}
+            | ({"GPU": 1} if config.use_gpu else {}),
+        ),
         run_config=ray.train.RunConfig(
             # The same name and storage on --resume is what makes Ray Train restore the run.
             name=checkpoints,
@@ -220,16 +225,25 @@ def _fit(config: TrainConfig, manifest: data.Manifest, decoded: dict, readable: 
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": decoded["train"], "val": decoded["val"]},
     )
     workers = f"{config.workers} worker{'s' if config.workers > 1 else ''}"
     print(
-        f"training on {readable['train']} images with {workers}, up to {config.epochs} epochs",
+        f"training on {train_images} images with {workers}, up to {config.epochs} epochs",
         file=console.terminal(),
         flush=True,
     )
     with EpochLines(config.epochs, fs, storage.join(path, checkpoints)):
         return trainer.fit().checkpoint
+
+
+def _cpus_per_worker(workers: int) -> float:
+    """A training worker's CPU reservation: Ray Train's 1, unless that leaves the cluster no CPU
+    to decode images with (2 workers on a 2-core machine): the workers then share all CPUs but
+    one, at least half a CPU each. TensorFlow uses every core of its node whatever is reserved."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    return 1.0 if cpus - workers >= 1 else max(0.5, (cpus - 1) / workers)
 
 
 class EpochLines:

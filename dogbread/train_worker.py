@@ -4,9 +4,8 @@ One fit() and one input pipeline for the whole run, and a Keras callback ends ea
 over all workers, the weight digests, the best weights, a checkpoint reported to Ray Train, early
 stopping). A fit() per epoch made a tf.data iterator per epoch, and tearing one down often waited
 for its autotuning thread to wake up on its own: 10.24 s, sometimes 40.96 s (autotuning periods
-double from 10 ms), of idle CPU inside a 10 s epoch (bench/README.md). A worker whose shards fit in
-`worker_cache_mib` reads them from Ray Data once and keeps them in memory; for larger ones a
-generator reads the shard from Ray Data epoch after epoch.
+double from 10 ms), of idle CPU inside a 10 s epoch (bench/README.md). What each worker reads, and
+how, is in dogbread/train_data.py.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import tempfile
 import time
 from typing import Any
 
-from dogbread.errors import DataError
+from dogbread import train_data
 
 CURRENT_WEIGHTS, BEST_WEIGHTS, STATE = "current.weights.h5", "best.weights.h5", "state.json"
 # Test hook: the worker of the last rank exits hard once, after training in this epoch and before
@@ -73,71 +72,22 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
     # than eager: 0.8 s instead of 1.25 s per epoch for the real photos' 333 val images.
     forward = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
     workers = context.get_world_size()
-    per_worker_batch = loop_config["batch_size"]
-    drop_last = workers > 1  # see epoch_steps
-    # At least 1: dogbread.train refuses fewer readable images than one global batch.
-    steps = epoch_steps(loop_config["train_images"], workers, per_worker_batch)
     first = state["epoch"] + 1
     if first > loop_config["epochs"]:  # resumed from the last epoch: nothing to read or train
         return
     # The optimizer's step drives the learning-rate schedule: a resumed run goes on from it.
     if state["epoch"] and not int(model.optimizer.iterations.numpy()):
         raise RuntimeError("the checkpoint's optimizer state was not restored")
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
     writer = tf.summary.create_file_writer(tensorboard) if rank == 0 else None
-
-    # A worker whose shards fit in `worker_cache_mib` reads them once and keeps them in memory,
-    # as tf.data's cache() would: epochs then cost no Ray Data reads, batching or local
-    # shuffling on the CPUs that train, and are shuffled whole.
-    image_size = loop_config["model"]["image_size"]
-    shard_rows = (loop_config["train_images"] + loop_config["val_images"]) // workers
-    in_memory = shard_rows * 3 * image_size**2 <= loop_config["worker_cache_mib"] << 20
-
-    def read_batches(shard: Any, **options: Any) -> Any:
-        read = shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy", **options)
-        return ((batch["image"], batch["label"]) for batch in read)
-
-    def streamed_batches() -> Any:
-        """Every remaining epoch's batches from Ray Data, `steps` per epoch."""
-        for epoch in range(first, loop_config["epochs"] + 1):
-            count = 0
-            shuffled = read_batches(
-                train_shard,
-                local_shuffle_buffer_size=4 * per_worker_batch,
-                local_shuffle_seed=loop_config["seed"] + epoch,
-            )
-            for images, labels in shuffled:
-                full = len(labels) == per_worker_batch
-                if count < steps and (full or not drop_last):  # beyond: not in an equal split
-                    yield images, labels
-                    count += 1
-            if count < steps:
-                raise DataError(f"epoch {epoch}: {count} batches in this shard, {steps} expected")
-
-    def worker_dataset(input_context: Any) -> Any:
-        if not in_memory:
-            return tf.data.Dataset.from_generator(
-                streamed_batches,
-                output_signature=(
-                    tf.TensorSpec((None, image_size, image_size, 3), tf.uint8),
-                    tf.TensorSpec((None,), tf.int64),
-                ),
-            )
-        epochs = (first, loop_config["epochs"])
-        seed = loop_config["seed"]
-        return _in_memory_batches(train_shard, per_worker_batch, drop_last, seed, epochs)
-
-    # One pipeline for the run, not one per epoch: see the module docstring. Each worker's
-    # batches are its replica's batches. A plain tf.data.Dataset passed to fit() would be taken
-    # for global batches: the strategy splits every batch into one piece per worker and, with
-    # the worker already holding its own shard, trains on all the pieces, so each step saw
-    # per_worker_batch / workers images and an epoch half the shard (2 workers).
-    dataset = strategy.distribute_datasets_from_function(worker_dataset)
-    val_cache = list(read_batches(val_shard)) if in_memory else None
+    train, val, plan = _sources(loop_config, workers, first)
+    dataset = strategy.distribute_datasets_from_function(
+        lambda _: _worker_dataset(train, workers, rank, loop_config, plan)
+    )
+    val_rows = train_data.validation_rows(val.table.num_rows, workers, rank)
+    val_cache = list(val.batches(val_rows, plan["batch_size"])) if plan["in_memory"] else None
 
     def val_batches() -> Any:
-        return val_cache if val_cache is not None else read_batches(val_shard)
+        return val_cache if val_cache is not None else val.batches(val_rows, plan["batch_size"])
 
     started: dict[str, float] = {}
     generators = _random_generators(model)
@@ -156,6 +106,8 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
         # decision and none is left waiting alone in a collective.
         metrics = {k: float(v) for k, v in logs.items()}
         metrics["train_images"] = _trained_images(model)
+        unreadable = _gather(strategy, context, [plan["unreadable"].pop(epoch)])
+        metrics["unreadable_images"] = int(sum(row[0] for row in unreadable))
         metrics["learning_rate"] = float(model.optimizer.learning_rate.numpy())  # at its last step
         metrics.update(_validate(strategy, context, model, forward, val_batches()))
         metrics.update(epoch=epoch, seconds=round(time.perf_counter() - started["epoch"], 3))
@@ -198,7 +150,7 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
         dataset,
         epochs=loop_config["epochs"],
         initial_epoch=first - 1,
-        steps_per_epoch=steps,
+        steps_per_epoch=plan["steps"],
         verbose=0,
         callbacks=[
             tf_keras.callbacks.LambdaCallback(
@@ -229,43 +181,70 @@ def _restore(checkpoint: Any, strategy: Any, model: Any, work: str) -> dict[str,
     return state
 
 
-def _in_memory_batches(
-    shard: Any, batch_size: int, drop_last: bool, seed: int, epochs: tuple[int, int]
+def _sources(
+    loop_config: dict[str, Any], workers: int, first: int
+) -> tuple[train_data.SplitSource, train_data.SplitSource, dict[str, Any]]:
+    """The train and val splits as this worker reads them, and the plan of its epochs."""
+    import ray
+
+    model_config = loop_config["model"]
+    train, val = (
+        train_data.SplitSource(
+            ray.get(loop_config[f"{split}_table"]),
+            tuple(loop_config["class_names"]),
+            model_config["image_size"],
+            loop_config["s3_endpoint"],
+        )
+        for split in ("train", "val")
+    )
+    batch_size, rows = loop_config["batch_size"], train.table.num_rows
+    # At least 1: dogbread.train refuses fewer images than one global batch.
+    steps = epoch_steps(rows, workers, batch_size)
+    # A worker whose rows fit in `worker_cache_mib` reads them once and keeps them in memory.
+    shard_rows = (rows + val.table.num_rows) // workers
+    in_memory = shard_rows * 3 * model_config["image_size"] ** 2 <= (
+        loop_config["worker_cache_mib"] << 20
+    )
+    plan = {
+        "first": first,
+        "last": loop_config["epochs"],
+        "steps": steps,
+        "batch_size": batch_size,
+        "in_memory": in_memory,
+        "unreadable": {},  # epoch: this worker's unreadable rows, set as they are read
+    }
+    return train, val, plan
+
+
+def _worker_dataset(
+    train: train_data.SplitSource, workers: int, rank: int, loop_config: dict, plan: dict
 ) -> Any:
-    """A worker's batches of epochs first..last (`epochs`) from its shard read once into memory,
-    as tf-keras feeds numpy arrays: shuffled indices, batched, gathered from the arrays. Rows are
-    put in manifest order, whatever order Ray Data handed them over in, and each epoch's order
-    is a function of (seed, epoch) alone, not of where the run started: a resumed run trains its
-    next epoch on the batches the uninterrupted run did."""
-    import numpy as np
+    """This worker's batches for every remaining epoch, as one tf.data pipeline.
+
+    Each worker's batches are its replica's batches (distribute_datasets_from_function). A plain
+    tf.data.Dataset passed to fit() would be taken for global batches: the strategy splits every
+    batch into one piece per worker and, with the worker already holding its own rows, trains on
+    all the pieces, so each step saw batch_size / workers images (2 workers: half an epoch).
+    """
     import tensorflow as tf
 
-    # Each copy is let go before the next is made: at most twice the shard at a time.
-    batches = list(shard.iter_batches(batch_size=batch_size, batch_format="numpy"))
-    columns = {k: np.concatenate([b[k] for b in batches]) for k in ("row", "image", "label")}
-    del batches
-    in_order = np.argsort(columns.pop("row"), kind="stable")
-    images = tf.constant(columns.pop("image")[in_order])
-    labels = tf.constant(columns.pop("label")[in_order])
-
-    def epoch_batches(epoch: Any) -> Any:
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(len(in_order)), tf.stack([tf.constant(seed, tf.int64), epoch])
-        )
-        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size, drop_last)
-
-    indices = tf.data.Dataset.range(epochs[0], epochs[1] + 1).flat_map(epoch_batches)
-    whole = tf.data.Dataset.from_tensors((images, labels)).repeat()
-    gathered = tf.data.Dataset.zip(indices, whole).map(
-        lambda picks, both: (tf.gather(both[0], picks), tf.gather(both[1], picks)),
-        num_parallel_calls=tf.data.AUTOTUNE,
+    seed = loop_config["seed"]
+    if plan["in_memory"]:
+        return train_data.in_memory_batches(train, workers, rank, seed, plan)
+    size = train.image_size
+    return tf.data.Dataset.from_generator(
+        lambda: train_data.streamed_batches(train, workers, rank, seed, plan),
+        output_signature=(
+            tf.TensorSpec((None, size, size, 3), tf.uint8),
+            tf.TensorSpec((None,), tf.int64),
+            tf.TensorSpec((None,), tf.float32),
+        ),
     )
-    return gathered.prefetch(tf.data.AUTOTUNE)
 
 
 def epoch_steps(train_images: int, workers: int, batch_size: int) -> int:
-    """Each worker's steps per epoch. Ray Train splits the rows equally (n // workers each), and
-    several workers drop their last, partial batch: tf-keras under the strategy crashed on a
+    """Each worker's steps per epoch. Each trains on n // workers rows (train_data.epoch_rows),
+    and several workers drop their last, partial batch: tf-keras under the strategy crashed on a
     one-image batch ("input depth must be evenly divisible by filter depth": 769 photos per
     worker, 16 per batch)."""
     rows = train_images // workers
@@ -317,22 +296,24 @@ def _validate(strategy: Any, context: Any, model: Any, forward: Any, batches: An
 
     per_sample_loss = keras.losses.get(model.loss)
     loss_sum = correct = count = 0.0
-    for images, labels in batches:  # this worker's (images, labels) batches
+    for images, labels, weights in batches:  # this worker's batches; weight 0: unreadable
         probabilities = forward(images).numpy()
         if probabilities.shape[-1] == 1:  # sigmoid head
             targets = labels.reshape(-1, 1).astype(np.float32)
             predicted = (probabilities[:, 0] >= 0.5).astype(np.int64)
         else:
             targets, predicted = labels, np.argmax(probabilities, axis=1)
-        loss_sum += float(np.sum(per_sample_loss(targets, probabilities).numpy()))
-        correct += float(np.sum(predicted == labels))
-        count += len(labels)
+        losses = per_sample_loss(targets, probabilities).numpy()
+        loss_sum += float(np.sum(losses * weights))
+        correct += float(np.sum((predicted == labels) * weights))
+        count += float(np.sum(weights))
     totals = np.sum(_gather(strategy, context, [loss_sum, correct, count]), axis=0)
     # Keras's val_loss includes the L2 penalties; so does ours, to stay comparable.
     regularization = float(sum(loss.numpy() for loss in model.losses))
     return {
         "val_loss": float(totals[0] / max(totals[2], 1) + regularization),
         "val_accuracy": float(totals[1] / max(totals[2], 1)),
+        "val_images": int(totals[2]),  # the readable ones
     }
 
 

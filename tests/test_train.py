@@ -52,21 +52,22 @@ BROKEN = ("empty.jpg", "random.jpg", "truncated.jpg")
 
 @pytest.fixture(scope="module")
 def training_manifest(tree_with_bad_files: str, tmp_path_factory) -> str:
-    """The tree's manifest, its training split trimmed to 16k + 2 readable images: each of two
-    workers then gets 8k + 1, so its last batch of 8 holds a single image. So it was with the
-    real photos (769 per worker, 16 per batch), where tf-keras crashed on that image."""
+    """The tree's manifest, its training split trimmed to 16k + 2 rows: each of two workers then
+    gets 8k + 1, so its last batch of 8 would hold a single image. So it was with the real photos
+    (769 per worker, 16 per batch), where tf-keras crashed on that image."""
     from dogbread import data
 
     manifest = data.list_labeled_tree(tree_with_bad_files)
     rows = manifest.table.to_pylist()
+    train_rows = sum(r["split"] == "train" for r in rows)
     readable = [i for i, r in enumerate(rows) if r["split"] == "train" and not _broken(r)]
-    dropped = set(readable[: (len(readable) - 2) % 16])
+    dropped = set(readable[: (train_rows - 2) % 16])
     kept = pa.Table.from_pylist(
         [r for i, r in enumerate(rows) if i not in dropped], data.MANIFEST_SCHEMA
     )
     path = tmp_path_factory.mktemp("manifest") / "manifest.parquet"
     data.write_manifest(data.Manifest(kept, manifest.class_names), str(path))
-    assert (len(readable) - len(dropped)) % 16 == 2
+    assert (train_rows - len(dropped)) % 16 == 2
     return str(path)
 
 
@@ -77,7 +78,7 @@ def _broken(row: dict) -> bool:
 @pytest.fixture(scope="module")
 def two_worker_run(ray_local, training_manifest: str, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("runs") / "two"
-    # Batches of 8 per worker: the last of each worker's 8k + 1 images is a batch of one.
+    # Batches of 8 per worker: the last of each worker's 8k + 1 rows would be a batch of one.
     metrics = train.run(small_config(training_manifest, out, workers=2, epochs=8, batch_size=8))
     return out, metrics
 
@@ -99,11 +100,17 @@ def _readable_training_images(manifest: str) -> int:
 
 def test_every_epoch_trains_on_each_workers_whole_shard(two_worker_run, training_manifest):
     _, metrics = two_worker_run
-    # 16k + 2 readable images: each worker trains on k batches of 8 of its 8k + 1 and leaves out
-    # its last, single image. (A tf.data.Dataset handed to fit() as it is would be split again by
-    # the strategy: batches of 4, half of each shard per epoch.)
-    expected = _readable_training_images(training_manifest) - 2
-    assert [row["train_images"] for row in metrics["history"]] == [expected] * 8
+    rows = pq.read_table(training_manifest).to_pylist()
+    train_rows = sum(r["split"] == "train" for r in rows)
+    broken = sum(r["split"] == "train" and _broken(r) for r in rows)
+    # Each worker trains on whole batches of 8 of its half of the rows and leaves out its last,
+    # partial batch; unreadable rows stay in their batches with weight 0. (A tf.data.Dataset
+    # handed to fit() as it is would be split again by the strategy: batches of 4, half of each
+    # worker's rows per epoch.)
+    trained_rows = 2 * 8 * (train_rows // 2 // 8)
+    for row in metrics["history"]:
+        assert row["unreadable_images"] == broken, row  # every epoch reads every row once
+        assert trained_rows - broken <= row["train_images"] <= trained_rows, row
 
 
 def test_run_dir_holds_model_card_metrics_curves_and_config(two_worker_run):
@@ -160,6 +167,9 @@ def test_two_workers_learn_as_well_as_one(ray_local, two_worker_run, training_ma
     one = train.run(dataclasses.replace(config, worker_cache_mib=0))
     every_image = _readable_training_images(training_manifest)
     assert [row["train_images"] for row in one["history"]] == [every_image] * 8
+    rows = pq.read_table(training_manifest).to_pylist()
+    broken = sum(r["split"] == "train" and _broken(r) for r in rows)
+    assert [row["unreadable_images"] for row in one["history"]] == [broken] * 8
     # Batches of 8 on each worker: two workers take steps of 16 images at twice the learning rate
     # (the linear rule, after a warmup epoch), half as many steps: they should end up alike.
     assert one["history"][-1]["learning_rate"] == pytest.approx(1e-3)

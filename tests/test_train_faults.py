@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,37 +27,61 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_workers_one_per_node_survive_a_worker_death(synthetic_tree, tmp_path, capfd):
-    """Two GPU workers on a two-node cluster; one dies mid-run and the run resumes from its last
-    checkpoint (one test: each training run costs ~25 s of start-up, and the suite is timed)."""
+def test_on_two_gpu_nodes_and_a_cpu_node_decoding_runs_on_the_cpu_node_and_a_lost_node_is_survived(
+    synthetic_tree, tmp_path, capfd
+):
+    """Two GPU workers on GPU nodes of one CPU each (taken by the workers), a CPU-only node and a
+    head without CPUs: the workers stream their images every epoch, decoded on the CPU-only node.
+    A GPU node is removed after the first checkpoint and another joins, as an autoscaler would
+    replace it: the run resumes from its last checkpoint (one test: each training run costs
+    ~25 s of start-up, and the suite is timed)."""
     from ray.cluster_utils import Cluster
+    from ray.util.state import list_tasks
 
-    marker = tmp_path / "fault-happened"
-    # Epoch 3 of 4: Ray Train registers a checkpoint only once every worker's report of that
-    # epoch has been collected, so an earlier death may leave nothing to resume from yet.
-    fault = {train_worker.FAULT_EPOCH_ENV: "3", train_worker.FAULT_MARKER_ENV: str(marker)}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1, num_gpus=1)
-    ray.init(address=cluster.address, runtime_env={"env_vars": {**WORKER_ENV, **fault}})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    cpu_node = cluster.add_node(num_cpus=2)
+    gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+    ray.init(address=cluster.address, runtime_env={"env_vars": WORKER_ENV})
+    run = tmp_path / "run"
+    first_checkpoint = run / "checkpoints" / "epoch_0001" / train_worker.STATE
+    replaced = []
+
+    def replace_a_gpu_node() -> None:
+        while not first_checkpoint.exists():
+            time.sleep(0.1)
+        cluster.remove_node(gpu_nodes[1])
+        replaced.append(cluster.add_node(num_cpus=1, num_gpus=1))
+
+    watcher = threading.Thread(target=replace_a_gpu_node, daemon=True)
+    watcher.start()
     try:
-        config = small_config(synthetic_tree, tmp_path / "run", workers=2, use_gpu=True, epochs=4)
+        config = small_config(
+            synthetic_tree, run, workers=2, use_gpu=True, epochs=5, worker_cache_mib=0
+        )
         metrics = train.run(config)
-        nodes = ray.nodes()
+        decoded_on = {
+            t.node_id
+            for t in list_tasks(limit=100_000, detail=True, raise_on_missing_output=False)
+            if "_decode_batch" in t.name
+        }
     finally:
         ray.shutdown()
         cluster.shutdown()
+    assert replaced, "no node was removed"
     # TensorFlow finds no real GPU here and trains on the CPU, but Ray gave each worker one.
-    gpu_nodes = {n["NodeID"][:12] for n in nodes if n["Resources"].get("GPU")}
-    assert {w["node"] for w in metrics["workers"]} == gpu_nodes and len(gpu_nodes) == 2
     assert [w["gpus"] for w in metrics["workers"]] == [1, 1]
+    now = {gpu_nodes[0].node_id[:12], replaced[0].node_id[:12]}
+    assert {w["node"] for w in metrics["workers"]} == now
+    assert decoded_on == {cpu_node.node_id}  # the GPU nodes' one CPU each trains
 
-    assert marker.exists(), "the worker did not die"
     (resumed_after,) = metrics["resumed_after_epochs"]  # resumed once, not restarted from scratch
-    assert 1 <= resumed_after <= 2
-    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3, 4]
+    assert 1 <= resumed_after <= 4
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3, 4, 5]
+    for row in metrics["history"]:
+        digests = row["worker_weight_digests"]
+        assert len(digests) == 2 and digests[0] == digests[1], row
     assert f"resumed from the checkpoint of epoch {resumed_after}" in capfd.readouterr().out
-    assert (tmp_path / "run" / "model.keras").exists()
+    assert (run / "model.keras").exists()
 
 
 def _saved_arrays(weights_file: Path) -> dict[str, np.ndarray]:
