@@ -35,6 +35,7 @@ BENCHMARKS: list[tuple[str, str, list[str], list[str] | None]] = [
         ["--images", "40", "--large-images", "0", "--seed-images", "4"],
     ),
     ("label_memory", "label_memory", [], ["--images", "40", "80"]),
+    ("train_memory", "train_memory", [], ["--smoke"]),
     ("startup", "startup", [], ["--images", "40", "--runs", "1"]),
     ("label_sizing", "label_sizing", [], ["--images", "64", "--large-images", "2"]),
     ("label_plan", "label_plan", [], ["--smoke"]),
@@ -128,6 +129,9 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             f"| {peaks} · growth {memory['rss_growth']}x RSS, {memory['pss_growth']}x PSS "
             f"| ≤ 1.25x | {memory['machine']['load_average'][0]:.1f} |"
         )
+    train_memory = results.get("train_memory")
+    if train_memory:
+        rows.append(_train_memory_row(train_memory))
     plan = results.get("label_plan")
     if plan:
         rows.append(_plan_row(plan))
@@ -212,6 +216,20 @@ def _sizing_row(sizing: dict[str, Any]) -> str:
         f"{threads} img/s · {sizing['bytes_per_image_256']:,.0f} bytes an image in the object "
         f"store · cores per GPU at {rates} img/s: {cores['256']} (256 px), {cores['12mp']} "
         f"(12 MP) | | {sizing['machine']['load_average'][0]:.1f} |"
+    )
+
+
+def _train_memory_row(memory: dict) -> str:
+    runs = memory["runs"]
+    small, large = runs.values()
+    store = " → ".join(f"{r['object_store_peak_mib']} MiB" for r in (small, large))
+    driver = " → ".join(f"{r['driver_peak_rss_mib']:,.0f}" for r in (small, large))
+    return (
+        f"| peak memory of `dogbread train` ({memory['command'].removeprefix('dogbread train ')})"
+        f", {' vs '.join(f'{int(n):,}' for n in runs)} images | object store {store} "
+        f"(**{memory['object_store_growth']}x**) · driver RSS {driver} MiB "
+        f"({memory['driver_rss_growth']}x) · all processes' PSS {memory['tree_pss_growth']}x "
+        f"| ≤ 1.25x | {memory['machine']['load_average'][0]:.1f} |"
     )
 
 

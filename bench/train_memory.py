@@ -21,10 +21,12 @@ fit in 107 bytes). Every 0.2 s, while it runs:
 - all processes: common.TreeMemory's summed RSS and PSS of it and its descendants (Ray's GCS,
   raylet, workers), which count the store's pages too (RSS once per process mapping them).
 
-Growth is the larger size's figure over the smaller's; the target is 1.25x. Prints one JSON
-object.
+Growth is the larger size's figure over the smaller's; the target is 1.25x. `--worker-cache-mib`
+is passed on: the default (2048) keeps each worker's decoded rows in its memory, 0 streams every
+epoch through Ray Data. Prints one JSON object.
 
-    python bench/train_memory.py [--sizes 5000,20000] [--epochs 2] [--image-size 64] [--smoke]
+    python bench/train_memory.py [--sizes 5000,20000] [--epochs 2] [--image-size 64]
+                                 [--worker-cache-mib N] [--smoke]
 """
 
 from __future__ import annotations
@@ -137,13 +139,16 @@ class StoreSampler:
         }
 
 
-def run_train(tree: Path, out: Path, epochs: int, image_size: int) -> dict[str, Any]:
+def run_train(
+    tree: Path, out: Path, epochs: int, image_size: int, cache_mib: int
+) -> dict[str, Any]:
     """`python -m dogbread train` on `tree` with its own Ray: wall time and memory peaks."""
     ray_tmpdir = tempfile.mkdtemp(prefix="dbtm-", dir="/tmp")
     env = {k: v for k, v in common.ENV.items() if k != "RAY_ADDRESS"}  # a local Ray, ours
     env["RAY_TMPDIR"] = ray_tmpdir
     command = [sys.executable, "-m", "dogbread", "train", "--data", str(tree), "--out", str(out)]
     command += ["--image-size", str(image_size), "--epochs", str(epochs), *TRAIN_FLAGS]
+    command += ["--worker-cache-mib", str(cache_mib)]
     # A file, not a pipe: nobody reads a pipe while the job runs, and a full one blocks it.
     with tempfile.TemporaryFile("w+") as log:
         started = time.monotonic()
@@ -171,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sizes", default="5000,20000", help="two image counts, small,large")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--worker-cache-mib", type=int, default=2048)
     parser.add_argument("--smoke", action="store_true", help="200 and 400 images, 1 epoch")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -185,7 +191,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = {}
     try:
         for n in sizes:
-            runs[str(n)] = run_train(trees[n], work / f"run-{n}", args.epochs, args.image_size)
+            runs[str(n)] = run_train(
+                trees[n], work / f"run-{n}", args.epochs, args.image_size, args.worker_cache_mib
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     small, large = (runs[str(n)] for n in sizes)
@@ -194,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine,
         "load_average_after": list(os.getloadavg()),
         "command": f"dogbread train --image-size {args.image_size} --epochs {args.epochs} "
-        + " ".join(TRAIN_FLAGS),
+        + " ".join(TRAIN_FLAGS)
+        + f" --worker-cache-mib {args.worker_cache_mib}",
         "runs": runs,
         "driver_rss_growth": _growth(small["driver_peak_rss_mib"], large["driver_peak_rss_mib"]),
         "object_store_growth": _growth(

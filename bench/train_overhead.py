@@ -3,7 +3,7 @@
 Both train the seed CNN at 256x256 with batch 32 on the same photos: the real photos'
 train split (../shared/data/dogbread-real, read in place), or synthetic ones when those are absent
 (then `data` says so). `dogbread train` runs as a user runs it (Ray Train, tf-keras under
-MultiWorkerMirroredStrategy, the decoded splits materialized in Ray's object store); its epoch
+MultiWorkerMirroredStrategy, each worker's rows decoded once and kept in its memory); its epoch
 times are the `seconds` of metrics.json's history (fit plus validation; the checkpoint is not
 in them). The plain fit gets the same pixels, decoded once into numpy arrays, and is timed the
 same way (fit plus validation per epoch). Steady state: the median of epochs 2..n.

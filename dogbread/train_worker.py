@@ -22,9 +22,11 @@ from typing import Any
 from dogbread import train_data
 
 CURRENT_WEIGHTS, BEST_WEIGHTS, STATE = "current.weights.h5", "best.weights.h5", "state.json"
-# Test hook: the worker of the last rank exits hard once, after training in this epoch and before
-# its checkpoint; the marker file records that it did.
+# Test hook: the worker of the last rank exits hard once (or, with FAULT_HANG_ENV set, waits
+# until its node is removed), after training in this epoch and before its checkpoint; the marker
+# file records that it did, and on which Ray node.
 FAULT_EPOCH_ENV, FAULT_MARKER_ENV = "DOGBREAD_FAULT_EXIT_AT_EPOCH", "DOGBREAD_FAULT_MARKER"
+FAULT_HANG_ENV = "DOGBREAD_FAULT_HANG"
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -356,6 +358,13 @@ def _maybe_inject_fault(epoch: int, rank: int, workers: int) -> None:
     if rank != workers - 1 or not marker or str(epoch) != os.environ.get(FAULT_EPOCH_ENV):
         return
     if not os.path.exists(marker):
-        open(marker, "w").close()
+        import ray
+
+        with open(f"{marker}.partial", "w") as f:  # where it happened: a test may remove the node
+            f.write(ray.get_runtime_context().get_node_id())
+        os.replace(f"{marker}.partial", marker)
+        if os.environ.get(FAULT_HANG_ENV):
+            print(f"[rank {rank}] fault injection: waiting in epoch {epoch}", flush=True)
+            time.sleep(600)  # the test removes this node long before
         print(f"[rank {rank}] fault injection: exiting in epoch {epoch}", flush=True)
         os._exit(1)
