@@ -27,6 +27,9 @@ from dogbread.images import IMAGE_EXTENSIONS
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# Decoded images a dataset holds in the object store at most: 192 MiB at 256 px, plenty to keep
+# a GPU fed (a node decodes ~2,000 a second per core, bench/README.md).
+IN_FLIGHT_IMAGES = 1024
 MANIFEST_SCHEMA = pa.schema(
     [
         ("path", pa.string()),  # full location: a local path or s3://bucket/key
@@ -204,9 +207,10 @@ def decoded_dataset(
     rows_per_block: int = 64,
     keep_unreadable: bool = False,
 ):
-    """A Ray Dataset of decoded images ("image" uint8, "label" class index, "row" the row's
-    position in `table`: an order that does not depend on how Ray Data ran) from manifest rows,
-    decoded in Ray Data tasks of half a CPU, wherever the cluster has one.
+    """A Ray Dataset of decoded images ("image" uint8, "label" class index) from manifest rows,
+    decoded in Ray Data tasks of half a CPU, wherever the cluster has one. It holds at most
+    IN_FLIGHT_IMAGES decoded images in the object store: Ray Data's default budget is a share of
+    the whole store, which a small split fits in whole (bench/train_memory.py).
 
     Files that cannot be decoded get a warning naming the file and the reason. They are left out,
     callers counting them as `table.num_rows - dataset.count()`; or, with `keep_unreadable`, kept
@@ -216,19 +220,23 @@ def decoded_dataset(
     import ray
 
     index = {name: i for i, name in enumerate(class_names)}
-    # One block per `rows_per_block` files: per-row overhead dominates Ray Data otherwise.
-    blocks = max(1, -(-table.num_rows // rows_per_block))
-    if "row" not in table.column_names:
-        table = table.append_column("row", pa.array(range(table.num_rows), pa.int64()))
-    source = ray.data.from_arrow(table.select(["path", "label", "row"])).repartition(blocks)
+    # Blocks of `rows_per_block` files, decoded in parallel (per-row overhead dominates Ray Data
+    # otherwise), put in the object store as they are: a repartition() copied them again.
+    paths = table.select(["path", "label"])
+    starts = range(0, max(paths.num_rows, 1), rows_per_block)
+    source = ray.data.from_arrow([paths.slice(start, rows_per_block) for start in starts])
     options = {"image_size": image_size, "index": index, "s3_endpoint": s3_endpoint}
-    return source.map_batches(
+    dataset = source.map_batches(
         _decode_batch,
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=0.5,
         fn_kwargs={**options, "keep_unreadable": keep_unreadable},
     )
+    limits = dataset.context.execution_options.resource_limits
+    budget = IN_FLIGHT_IMAGES * 3 * image_size**2
+    dataset.context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
+    return dataset
 
 
 def _decode_batch(
@@ -245,9 +253,8 @@ def _decode_batch(
     # The filesystem is built here, on the worker, so credentials never travel in task payloads.
     fs = None
     black = np.zeros((image_size, image_size, 3), np.uint8)
-    images, labels, rows, weights = [], [], [], []
-    columns = (batch[c].to_pylist() for c in ("path", "label", "row"))
-    for path, label, row in zip(*columns, strict=True):
+    images, labels, weights = [], [], []
+    for path, label in zip(batch["path"].to_pylist(), batch["label"].to_pylist(), strict=True):
         try:
             fs = fs or storage.resolve(path, s3_endpoint)[0]
             image = decode_image(storage.read_bytes(fs, storage.fs_path(path)), image_size)
@@ -259,12 +266,10 @@ def _decode_batch(
             image, weight = black, 0.0
         images.append(image)
         labels.append(index[label])
-        rows.append(row)
         weights.append(weight)
     shape = (len(images), image_size, image_size, 3)
     decoded = {
         "image": np.stack(images) if images else np.zeros(shape, np.uint8),
         "label": np.asarray(labels, np.int64),
-        "row": np.asarray(rows, np.int64),
     }
     return decoded | ({"weight": np.asarray(weights, np.float32)} if keep_unreadable else {})

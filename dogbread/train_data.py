@@ -44,20 +44,30 @@ class SplitSource:
 
     def batches(self, rows: np.ndarray, batch_size: int) -> Iterator[Batch]:
         """The images of `rows` (positions in the table), decoded by Ray Data, in that order."""
-        import ray.data
-
-        # This worker's own DataContext: its pipelines keep the order asked for.
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
-        table = self.table.append_column("row", pa.array(np.arange(self.table.num_rows)))
         dataset = data.decoded_dataset(
-            table.take(pa.array(rows)),
+            self.table.take(pa.array(rows)),
             self.class_names,
             self.image_size,
             self.s3_endpoint,
             keep_unreadable=True,
         )
+        dataset.context.execution_options.preserve_order = True  # the order asked for
         for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
             yield batch["image"], batch["label"], batch["weight"]
+
+    def read_whole(self, rows: np.ndarray, batch_size: int) -> Batch:
+        """The images of `rows` copied into this process's memory as they come. Batches from Ray
+        Data may be views of the object store, and keeping them pinned every block read there:
+        the whole split, whatever the backpressure (bench/train_memory.py)."""
+        size = self.image_size
+        images = np.empty((len(rows), size, size, 3), np.uint8)
+        labels, weights = np.empty(len(rows), np.int64), np.empty(len(rows), np.float32)
+        start = 0
+        for batch in self.batches(rows, batch_size):
+            end = start + len(batch[1])
+            images[start:end], labels[start:end], weights[start:end] = batch
+            start = end
+        return images, labels, weights
 
 
 def epoch_rows(rows: int, workers: int, rank: int, seed: int, epoch: int) -> np.ndarray:
@@ -105,10 +115,7 @@ def in_memory_batches(
     import tensorflow as tf
 
     rows = epoch_rows(source.table.num_rows, workers, rank, seed, 0)
-    # Each copy is let go before the next is made: at most twice the rows at a time.
-    batches = list(source.batches(rows, plan["batch_size"]))
-    columns = [np.concatenate([b[i] for b in batches]) for i in range(3)]
-    del batches
+    columns = source.read_whole(rows, plan["batch_size"])
     unreadable = int(np.sum(columns[2] == 0))
     plan["unreadable"].update(dict.fromkeys(range(plan["first"], plan["last"] + 1), unreadable))
     whole = tf.data.Dataset.from_tensors(tuple(tf.constant(c) for c in columns)).repeat()

@@ -86,10 +86,13 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
         lambda _: _worker_dataset(train, workers, rank, loop_config, plan)
     )
     val_rows = train_data.validation_rows(val.table.num_rows, workers, rank)
-    val_cache = list(val.batches(val_rows, plan["batch_size"])) if plan["in_memory"] else None
+    size = plan["batch_size"]
+    val_whole = val.read_whole(val_rows, size) if plan["in_memory"] else None
 
     def val_batches() -> Any:
-        return val_cache if val_cache is not None else val.batches(val_rows, plan["batch_size"])
+        if val_whole is None:
+            return val.batches(val_rows, size)
+        return (tuple(a[i : i + size] for a in val_whole) for i in range(0, len(val_rows), size))
 
     started: dict[str, float] = {}
     generators = _random_generators(model)
@@ -256,9 +259,9 @@ def epoch_steps(train_images: int, workers: int, batch_size: int) -> int:
 def seeded_model(model_config: dict[str, Any], seed: int) -> Any:
     """build_model with its initial weights, dropout and augmentation drawn from `seed`.
 
-    Every worker gets the same seed, so the same initial weights. A one-worker run whose shard
-    fits in memory repeats exactly, resumed or not (each epoch's order and random draws depend on
-    the seed and the epoch alone); streamed shards and all-reduced sums of several workers vary.
+    Every worker gets the same seed, so the same initial weights. A one-worker run repeats
+    exactly, resumed or not, in memory or streamed (each epoch's order and random draws depend on
+    the seed and the epoch alone); all-reduced sums of several workers may vary in the last bits.
     """
     import tf_keras
 
