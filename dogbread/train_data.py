@@ -21,7 +21,7 @@ worker takes them as batches, in the order it asked for them.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,34 @@ from dogbread import data
 from dogbread.errors import DataError
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # images (uint8), labels, weights (0: unreadable)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One worker's epochs: which, how many steps of which batch, and where it is in the run."""
+
+    first: int
+    last: int
+    steps: int
+    batch_size: int
+    workers: int
+    rank: int
+    seed: int
+    in_memory: bool  # its rows are read once and kept in memory
+    # epoch: this worker's unreadable rows, set as they are read (the only mutable part)
+    unreadable: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def epochs(self) -> range:
+        return range(self.first, self.last + 1)
+
+    def rows(self, total: int, epoch: int) -> np.ndarray:
+        """This worker's rows of `total` in `epoch`: every `workers`-th entry of a permutation
+        of all of them drawn from (seed, epoch). Each image is read by one worker each epoch; the
+        workers' counts differ by at most one, which the partial batches they drop absorb
+        (train_worker.epoch_steps)."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(total)
+        return order[self.rank :: self.workers]
 
 
 @dataclass(frozen=True)
@@ -70,64 +98,49 @@ class SplitSource:
         return images, labels, weights
 
 
-def epoch_rows(rows: int, workers: int, rank: int, seed: int, epoch: int) -> np.ndarray:
-    """Worker `rank`'s rows in `epoch`: every `workers`-th entry of a permutation of all `rows`
-    drawn from (seed, epoch). Each image is read by one worker each epoch; the workers' counts
-    differ by at most one, which the partial batches they drop absorb (epoch_steps)."""
-    order = np.random.default_rng([seed, epoch]).permutation(rows)
-    return order[rank::workers]
-
-
-def streamed_batches(
-    source: SplitSource, workers: int, rank: int, seed: int, plan: dict[str, Any]
-) -> Iterator[Batch]:
-    """Epochs plan["first"]..plan["last"] of this worker, plan["steps"] batches of
-    plan["batch_size"] each, read and decoded as they go. plan["unreadable"][epoch] is set to the
-    epoch's unreadable rows before its last batch is handed over: a batch is read ahead, so the
-    remainder that makes no full batch has been read (and counted) by then."""
-    steps, drop_last = plan["steps"], workers > 1  # see train_worker.epoch_steps
-    for epoch in range(plan["first"], plan["last"] + 1):
-        rows = epoch_rows(source.table.num_rows, workers, rank, seed, epoch)
+def streamed_batches(source: SplitSource, plan: EpochPlan) -> Iterator[Batch]:
+    """The plan's epochs, plan.steps batches of plan.batch_size each, read and decoded as they
+    go. plan.unreadable[epoch] is set to the epoch's unreadable rows before its last batch is
+    handed over: a batch is read ahead, so the remainder that makes no full batch has been read
+    (and counted) by then."""
+    drop_last = plan.workers > 1  # see train_worker.epoch_steps
+    for epoch in plan.epochs:
         ready: list[Batch] = []
         unreadable = handed = 0
-        for batch in source.batches(rows, plan["batch_size"]):
+        for batch in source.batches(plan.rows(source.table.num_rows, epoch), plan.batch_size):
             unreadable += int(np.sum(batch[2] == 0))
-            full = len(batch[1]) == plan["batch_size"]
-            if handed + len(ready) < steps and (full or not drop_last):
+            full = len(batch[1]) == plan.batch_size
+            if handed + len(ready) < plan.steps and (full or not drop_last):
                 ready.append(batch)
             if len(ready) == 2:  # one batch ahead
                 yield ready.pop(0)
                 handed += 1
-        plan["unreadable"][epoch] = unreadable
+        plan.unreadable[epoch] = unreadable
         yield from ready
         handed += len(ready)
-        if handed < steps:
-            raise DataError(f"epoch {epoch}: {handed} batches for this worker, {steps} due")
+        if handed < plan.steps:
+            raise DataError(f"epoch {epoch}: {handed} batches for this worker, {plan.steps} due")
 
 
-def in_memory_batches(
-    source: SplitSource, workers: int, rank: int, seed: int, plan: dict[str, Any]
-) -> Any:
+def in_memory_batches(source: SplitSource, plan: EpochPlan) -> Any:
     """The same epochs from this worker's rows (those of epoch 0) read once into memory, as
     tf.data's cache() would: shuffled indices, batched, gathered from the arrays, and each epoch's
     order a function of (seed, epoch) alone. Epochs then cost no reads or decoding on the CPUs that
-    train. Sets plan["unreadable"][epoch] for every epoch up front."""
+    train. Sets plan.unreadable for every epoch up front."""
     import tensorflow as tf
 
-    rows = epoch_rows(source.table.num_rows, workers, rank, seed, 0)
-    columns = source.read_whole(rows, plan["batch_size"])
-    unreadable = int(np.sum(columns[2] == 0))
-    plan["unreadable"].update(dict.fromkeys(range(plan["first"], plan["last"] + 1), unreadable))
+    rows = plan.rows(source.table.num_rows, 0)
+    columns = source.read_whole(rows, plan.batch_size)
+    plan.unreadable.update(dict.fromkeys(plan.epochs, int(np.sum(columns[2] == 0))))
     whole = tf.data.Dataset.from_tensors(tuple(tf.constant(c) for c in columns)).repeat()
-    steps = plan["steps"]
 
     def epoch_batches(epoch: Any) -> Any:
         order = tf.random.experimental.stateless_shuffle(
-            tf.range(len(rows)), tf.stack([tf.constant(seed, tf.int64), epoch])
+            tf.range(len(rows)), tf.stack([tf.constant(plan.seed, tf.int64), epoch])
         )
-        return tf.data.Dataset.from_tensor_slices(order).batch(plan["batch_size"]).take(steps)
+        return tf.data.Dataset.from_tensor_slices(order).batch(plan.batch_size).take(plan.steps)
 
-    indices = tf.data.Dataset.range(plan["first"], plan["last"] + 1).flat_map(epoch_batches)
+    indices = tf.data.Dataset.range(plan.first, plan.last + 1).flat_map(epoch_batches)
     gathered = tf.data.Dataset.zip(indices, whole).map(
         lambda picks, arrays: tuple(tf.gather(a, picks) for a in arrays),
         num_parallel_calls=tf.data.AUTOTUNE,

@@ -81,13 +81,11 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
     if state["epoch"] and not int(model.optimizer.iterations.numpy()):
         raise RuntimeError("the checkpoint's optimizer state was not restored")
     writer = tf.summary.create_file_writer(tensorboard) if rank == 0 else None
-    train, val, plan = _sources(loop_config, workers, first)
-    dataset = strategy.distribute_datasets_from_function(
-        lambda _: _worker_dataset(train, workers, rank, loop_config, plan)
-    )
+    train, val, plan = _sources(loop_config, workers, rank, first)
+    dataset = strategy.distribute_datasets_from_function(lambda _: _worker_dataset(train, plan))
     val_rows = train_data.validation_rows(val.table.num_rows, workers, rank)
-    size = plan["batch_size"]
-    val_whole = val.read_whole(val_rows, size) if plan["in_memory"] else None
+    size = plan.batch_size
+    val_whole = val.read_whole(val_rows, size) if plan.in_memory else None
 
     def val_batches() -> Any:
         if val_whole is None:
@@ -111,7 +109,7 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
         # decision and none is left waiting alone in a collective.
         metrics = {k: float(v) for k, v in logs.items()}
         metrics["train_images"] = _trained_images(model)
-        unreadable = _gather(strategy, context, [plan["unreadable"].pop(epoch)])
+        unreadable = _gather(strategy, context, [plan.unreadable.pop(epoch)])
         metrics["unreadable_images"] = int(sum(row[0] for row in unreadable))
         metrics["learning_rate"] = float(model.optimizer.learning_rate.numpy())  # at its last step
         metrics.update(_validate(strategy, context, model, forward, val_batches()))
@@ -155,7 +153,7 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
         dataset,
         epochs=loop_config["epochs"],
         initial_epoch=first - 1,
-        steps_per_epoch=plan["steps"],
+        steps_per_epoch=plan.steps,
         verbose=0,
         callbacks=[
             tf_keras.callbacks.LambdaCallback(
@@ -187,8 +185,8 @@ def _restore(checkpoint: Any, strategy: Any, model: Any, work: str) -> dict[str,
 
 
 def _sources(
-    loop_config: dict[str, Any], workers: int, first: int
-) -> tuple[train_data.SplitSource, train_data.SplitSource, dict[str, Any]]:
+    loop_config: dict[str, Any], workers: int, rank: int, first: int
+) -> tuple[train_data.SplitSource, train_data.SplitSource, train_data.EpochPlan]:
     """The train and val splits as this worker reads them, and the plan of its epochs."""
     import ray
 
@@ -203,27 +201,24 @@ def _sources(
         for split in ("train", "val")
     )
     batch_size, rows = loop_config["batch_size"], train.table.num_rows
-    # At least 1: dogbread.train refuses fewer images than one global batch.
-    steps = epoch_steps(rows, workers, batch_size)
     # A worker whose rows fit in `worker_cache_mib` reads them once and keeps them in memory.
     shard_rows = (rows + val.table.num_rows) // workers
-    in_memory = shard_rows * 3 * model_config["image_size"] ** 2 <= (
-        loop_config["worker_cache_mib"] << 20
+    plan = train_data.EpochPlan(
+        first=first,
+        last=loop_config["epochs"],
+        # At least 1: dogbread.train refuses fewer images than one global batch.
+        steps=epoch_steps(rows, workers, batch_size),
+        batch_size=batch_size,
+        workers=workers,
+        rank=rank,
+        seed=loop_config["seed"],
+        in_memory=shard_rows * 3 * model_config["image_size"] ** 2
+        <= loop_config["worker_cache_mib"] << 20,
     )
-    plan = {
-        "first": first,
-        "last": loop_config["epochs"],
-        "steps": steps,
-        "batch_size": batch_size,
-        "in_memory": in_memory,
-        "unreadable": {},  # epoch: this worker's unreadable rows, set as they are read
-    }
     return train, val, plan
 
 
-def _worker_dataset(
-    train: train_data.SplitSource, workers: int, rank: int, loop_config: dict, plan: dict
-) -> Any:
+def _worker_dataset(train: train_data.SplitSource, plan: train_data.EpochPlan) -> Any:
     """This worker's batches for every remaining epoch, as one tf.data pipeline.
 
     Each worker's batches are its replica's batches (distribute_datasets_from_function). A plain
@@ -233,12 +228,11 @@ def _worker_dataset(
     """
     import tensorflow as tf
 
-    seed = loop_config["seed"]
-    if plan["in_memory"]:
-        return train_data.in_memory_batches(train, workers, rank, seed, plan)
+    if plan.in_memory:
+        return train_data.in_memory_batches(train, plan)
     size = train.image_size
     return tf.data.Dataset.from_generator(
-        lambda: train_data.streamed_batches(train, workers, rank, seed, plan),
+        lambda: train_data.streamed_batches(train, plan),
         output_signature=(
             tf.TensorSpec((None, size, size, 3), tf.uint8),
             tf.TensorSpec((None,), tf.int64),
@@ -248,7 +242,7 @@ def _worker_dataset(
 
 
 def epoch_steps(train_images: int, workers: int, batch_size: int) -> int:
-    """Each worker's steps per epoch. Each trains on n // workers rows (train_data.epoch_rows),
+    """Each worker's steps per epoch. Each trains on n // workers rows (EpochPlan.rows),
     and several workers drop their last, partial batch: tf-keras under the strategy crashed on a
     one-image batch ("input depth must be evenly divisible by filter depth": 769 photos per
     worker, 16 per batch)."""
