@@ -90,7 +90,9 @@ def _check_local_ray_fits(config: TrainConfig) -> None:
     import ray
 
     resources = ray.cluster_resources()
-    for kind in ("GPU", "CPU") if config.use_gpu else ("CPU",):  # each worker takes 1 of each
+    # Each worker takes a GPU with --gpu, and half a CPU to one (_cpus_per_worker): more workers
+    # than CPUs would leave no CPU to decode images with.
+    for kind in ("GPU", "CPU") if config.use_gpu else ("CPU",):
         have = int(resources.get(kind, 0))
         if have == 0:  # only GPUs can be missing altogether
             raise ConfigError(
@@ -119,20 +121,21 @@ def resume(run_dir: str, s3_endpoint: str | None = None) -> dict[str, Any]:
 def _train_and_evaluate(config: TrainConfig, manifest: data.Manifest) -> dict[str, Any]:
     from dogbread.model import build_model
 
-    rows = {split: manifest.split(split).num_rows for split in data.SPLITS}
+    splits = {split: manifest.split(split) for split in data.SPLITS}  # each filtered once
+    rows = {split: table.num_rows for split, table in splits.items()}
     # A full global batch: several workers each drop their last, partial batch (see drop_last).
     needed = config.batch_size * config.workers if config.workers > 1 else 1
     if rows["train"] < needed:
         raise DataError(f"only {rows['train']} training images, {needed} needed")
 
-    checkpoint = _fit(config, manifest)
+    checkpoint = _fit(config, manifest, splits)
     model = build_model(_model_config(config, manifest))
     with checkpoint.as_directory() as directory:
         with open(os.path.join(directory, STATE)) as f:
             state = json.load(f)
         model.load_weights(os.path.join(directory, BEST_WEIGHTS))
         test = data.decoded_dataset(
-            manifest.split("test"), manifest.class_names, config.image_size, config.s3_endpoint
+            splits["test"], manifest.class_names, config.image_size, config.s3_endpoint
         )
         metrics = evaluate.evaluate_decoded(model, test, manifest.class_names, rows["test"])
         last = state["history"][-1]
@@ -181,8 +184,9 @@ def _model_config(config: TrainConfig, manifest: data.Manifest, train_images: in
     )
 
 
-def _fit(config: TrainConfig, manifest: data.Manifest) -> Any:
-    """Run the TensorflowTrainer; returns the last checkpoint (state, current and best weights).
+def _fit(config: TrainConfig, manifest: data.Manifest, splits: dict[str, Any]) -> Any:
+    """Run the TensorflowTrainer on the manifest's `splits` (tables); returns the last checkpoint
+    (state, current and best weights).
 
     The workers get the train and val path tables through the object store (put once, ~100
     bytes an image), and read and decode their images themselves (dogbread/train_data.py)."""
@@ -195,7 +199,7 @@ def _fit(config: TrainConfig, manifest: data.Manifest) -> Any:
     # on to its controller, so a user's own setting still wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     fs, path = storage.resolve(config.out, config.s3_endpoint)
-    train_images = manifest.split("train").num_rows
+    train_images = splits["train"].num_rows
     checkpoints = "checkpoints"  # the run's name in Ray Train: its folder under the storage path
     trainer = TensorflowTrainer(
         train_loop,
@@ -205,8 +209,8 @@ def _fit(config: TrainConfig, manifest: data.Manifest) -> Any:
             "batch_size": config.batch_size,
             "patience": config.patience,
             "seed": config.seed,
-            "train_table": ray.put(manifest.split("train").select(["path", "label"])),
-            "val_table": ray.put(manifest.split("val").select(["path", "label"])),
+            "train_table": ray.put(splits["train"].select(["path", "label"])),
+            "val_table": ray.put(splits["val"].select(["path", "label"])),
             "class_names": manifest.class_names,
             "s3_endpoint": config.s3_endpoint,
             "worker_cache_mib": config.worker_cache_mib,
