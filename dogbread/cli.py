@@ -16,7 +16,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from dogbread import console
-from dogbread.config import EnsembleConfig, LabelConfig, SynthConfig, TrainConfig, load_config
+from dogbread.config import (
+    RECIPES,
+    EnsembleConfig,
+    LabelConfig,
+    SynthConfig,
+    TrainConfig,
+    load_config,
+)
 from dogbread.errors import DogbreadError, first_line
 
 VERBOSE_HELP = "show every log on the terminal (default: in a log file, shown only on errors)"
@@ -49,7 +56,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
-    return load_config(cls, args.config, overrides)
+    return load_config(cls, args.config, overrides, getattr(args, "recipe", None))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the CNN data-parallel with Ray Train")
     add_config_flags(p, TrainConfig)
+    recipes = ", ".join(sorted(path.stem for path in RECIPES.glob("*.yaml")))
+    p.add_argument(
+        "--recipe",
+        metavar="NAME",
+        help=f"a shipped config under --config and the flags: {recipes} (default: the seed's)",
+    )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoint")
 
     p = sub.add_parser("ensemble", help="one model averaging the probabilities of several runs")

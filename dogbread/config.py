@@ -19,6 +19,7 @@ from dogbread.errors import ConfigError
 
 T = TypeVar("T")
 CONFIG_FILENAME = "config.yaml"
+RECIPES = Path(__file__).parent / "recipes"  # named TrainConfig bases: `train --recipe NAME`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +34,9 @@ class SynthConfig:
         _require(len(self.classes) >= 2, "at least two classes are needed")
 
 
-ARCHITECTURES = ("seed", "residual")  # dogbread.model builds them
+# dogbread.model builds them: two from scratch, then Keras Applications backbones
+ARCHITECTURES = ("seed", "residual", "mobilenet_v3_small", "efficientnet_v2_b0")
+BACKBONES = ARCHITECTURES[2:]
 LR_SCHEDULES = ("constant", "cosine")
 LABEL_PLANS = ("auto", "fused", "split")
 
@@ -57,6 +60,17 @@ class TrainConfig:
     test_fraction: float = 0.1
     seed: int | None = None  # None: drawn when the run starts; config.yaml records the one used
     max_failures: int = 2  # worker failures Ray Train retries from the last checkpoint
+    # Distillation: a model dir (a run or an ensemble) whose probabilities on the same augmented
+    # images the student also learns from; the loss is (1 - distill_weight) * cross-entropy on
+    # the labels + distill_weight * T^2 * KL(teacher || student), both softened by T.
+    teacher: str | None = None
+    distill_temperature: float = 2.0
+    distill_weight: float = 0.5
+    # A backbone architecture starts from these weights (a .h5 or .weights.h5 file, local or
+    # s3://; "imagenet": Keras fetches its own file), frozen for freeze_epochs while the head
+    # learns, then fine-tuned whole at a tenth of the rate.
+    backbone_weights: str | None = None
+    freeze_epochs: int = 0
     # A worker reads its decoded shards once and keeps them in memory when they fit (0: never)
     worker_cache_mib: int = 2048
     s3_endpoint: str | None = None
@@ -77,6 +91,18 @@ class TrainConfig:
             self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be {' or '.join(LR_SCHEDULES)}"
         )
         _require(self.max_failures >= 0, "max_failures must not be negative")
+        _require(self.distill_temperature > 0, "distill_temperature must be positive")
+        _require(0 <= self.distill_weight <= 1, "distill_weight must be in [0, 1]")
+        backbone = self.architecture in BACKBONES
+        _require(
+            backbone or not (self.backbone_weights or self.freeze_epochs),
+            f"backbone_weights and freeze_epochs need a backbone: {', '.join(BACKBONES)}",
+        )
+        _require(self.freeze_epochs >= 0, "freeze_epochs must not be negative")
+        _require(  # its rate, then a tenth of it, replaces the schedule and the warmup
+            not (self.freeze_epochs and self.lr_schedule != "constant"),
+            "freeze_epochs has a schedule of its own: lr_schedule must be constant",
+        )
         _require(self.worker_cache_mib >= 0, "worker_cache_mib must not be negative")
         fractions = (self.val_fraction, self.test_fraction)
         _require(
@@ -144,22 +170,18 @@ def _require(condition: bool, message: str) -> None:
 
 
 def load_config(
-    cls: type[T], path: str | None = None, overrides: Mapping[str, Any] | None = None
+    cls: type[T],
+    path: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    recipe: str | None = None,
 ) -> T:
-    """Build `cls` from defaults, then the YAML file at `path`, then non-None `overrides`."""
+    """Build `cls` from defaults, then the recipe named `recipe`, then the YAML file at `path`,
+    then non-None `overrides`."""
     values: dict[str, Any] = {}
+    if recipe:
+        values.update(_read_yaml(recipe_path(recipe)))
     if path:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(
-                f"config {path} is not valid YAML: {str(exc).splitlines()[0]}"
-            ) from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config {path} must be a mapping of keys to values")
-        values.update(loaded or {})
+        values.update(_read_yaml(path))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
 
     hints = typing.get_type_hints(cls)
@@ -177,6 +199,27 @@ def load_config(
     if missing:
         raise ConfigError(f"missing required {cls.__name__} key(s): {', '.join(missing)}")
     return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+
+def recipe_path(name: str) -> str:
+    """The shipped recipe file of that name (dogbread/recipes/NAME.yaml)."""
+    path = RECIPES / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+        raise ConfigError(f"no recipe {name!r}: the recipes are {known}")
+    return str(path)
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config {path} must be a mapping of keys to values")
+    return loaded or {}
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:

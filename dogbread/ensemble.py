@@ -75,6 +75,7 @@ def run(config: EnsembleConfig) -> ModelCard:
         if all(c.data_fingerprint == first.data_fingerprint for c in cards)
         else "",
         members=tuple(versions),
+        architecture="ensemble",  # of the members' architectures: their cards say which
     )
     card = save_model(model, card, config.out, endpoint, litert=True)
     storage.write_text(storage.join(config.out, CONFIG_FILENAME), dump_config(config), endpoint)

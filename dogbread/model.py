@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import dogbread
-from dogbread import storage
-from dogbread.config import ARCHITECTURES
+from dogbread import backbone, storage
+from dogbread.config import ARCHITECTURES, BACKBONES
 from dogbread.errors import ModelError, StorageError, first_line
 from dogbread.litert import LiteRTModel, inference_model
 
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 MODEL_FILENAME = "model.keras"
 CARD_FILENAME = "model_card.json"
 LITERT_FILENAME = "model.tflite"  # its LiteRT conversion, when save_model was asked for it
+INT8_FILENAME = "model.int8.tflite"  # its int8 quantization (dogbread.quantize), beside it
+AUGMENTATION_PREFIX = "augment_"  # the augmentation layers' names: dogbread.distill splits there
+FINE_TUNE_FACTOR = 0.1
 # Dropout draws from a tf.random.Generator (a variable that training reseeds every epoch), not
 # from stateful ops inside the traced step, whose state no checkpoint holds: a resumed run then
 # draws the masks the uninterrupted run drew. It also gives each worker masks of its own.
@@ -48,6 +51,9 @@ class ModelConfig:
     # > 0: first the rate rises linearly from warmup_from to learning_rate over these steps
     warmup_steps: int = 0
     warmup_from: float = 0.0
+    # > 0: a backbone stays frozen for these steps (dogbread.distill), then the whole network is
+    # fine-tuned at FINE_TUNE_FACTOR times the rate (instead of the schedules above)
+    freeze_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,16 @@ class ModelCard:
     # another model.keras (copied over, retrained) is ignored, not served.
     litert_keras_sha256: str = ""
     members: tuple[str, ...] = ()  # an ensemble's: the model_version of each member
+    # How it was made: the network (config.ARCHITECTURES), the model_version of the teacher it
+    # was distilled from, and the pretrained backbone weights it started from (a path, or
+    # "imagenet") with the sha256 of their file.
+    architecture: str = ""
+    teacher: str = ""
+    backbone_weights: str = ""
+    backbone_weights_sha256: str = ""
+    # Its int8 LiteRT conversion (model.int8.tflite), when one was made: the val accuracy of
+    # it and of the float conversion, on how many images, and whether it is served.
+    litert_int8: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -77,7 +93,8 @@ class ModelCard:
 
 
 def build_model(config: ModelConfig = ModelConfig()) -> keras.Model:
-    """The seed CNN, compiled. Pure: the same config gives the same architecture."""
+    """The network `config.architecture` names (the seed CNN by default), compiled. Pure: the
+    same config gives the same architecture; a backbone's weights are random here."""
     import tf_keras as keras
 
     if config.num_classes < 2:
@@ -87,12 +104,16 @@ def build_model(config: ModelConfig = ModelConfig()) -> keras.Model:
     inputs = keras.Input(shape=(config.image_size, config.image_size, 3), name="image")
     x = inputs
     if config.augment:
-        x = keras.layers.RandomFlip("horizontal")(x)
-        x = keras.layers.RandomRotation(0.05)(x)
-        x = keras.layers.RandomZoom(0.1)(x)
-    # Rescaling lives in the model so that every caller feeds raw uint8 pixels.
-    x = keras.layers.Rescaling(1.0 / 255)(x)
-    x = _seed_features(x) if config.architecture == "seed" else _residual_features(x)
+        x = keras.layers.RandomFlip("horizontal", name=f"{AUGMENTATION_PREFIX}flip")(x)
+        x = keras.layers.RandomRotation(0.05, name=f"{AUGMENTATION_PREFIX}rotation")(x)
+        x = keras.layers.RandomZoom(0.1, name=f"{AUGMENTATION_PREFIX}zoom")(x)
+    if config.architecture in BACKBONES:
+        x = backbone.features(x, config.architecture, config.image_size)
+        x = keras.layers.Dropout(0.2, rng_type=RNG_TYPE)(x)
+    else:
+        # Rescaling lives in the model so that every caller feeds raw uint8 pixels.
+        x = keras.layers.Rescaling(1.0 / 255)(x)
+        x = _seed_features(x) if config.architecture == "seed" else _residual_features(x)
     if config.num_classes == 2:
         outputs = keras.layers.Dense(1, activation="sigmoid", name="probability")(x)
         loss = "binary_crossentropy"
@@ -103,7 +124,11 @@ def build_model(config: ModelConfig = ModelConfig()) -> keras.Model:
         loss = "sparse_categorical_crossentropy"
     model = keras.Model(inputs, outputs, name="dogbread_cnn")
     rate = config.learning_rate
-    if config.decay_steps or config.warmup_steps:  # Keras's own schedule: safe-mode loadable
+    if config.freeze_steps:  # Keras's own schedules: safe-mode loadable
+        rate = keras.optimizers.schedules.PiecewiseConstantDecay(
+            [config.freeze_steps], [rate, rate * FINE_TUNE_FACTOR]
+        )
+    elif config.decay_steps or config.warmup_steps:
         rate = keras.optimizers.schedules.CosineDecay(
             config.warmup_from if config.warmup_steps else rate,
             max(config.decay_steps, 1),
@@ -190,11 +215,16 @@ def save_model(
     directory: str,
     s3_endpoint: str | None = None,
     litert: bool = False,
+    int8: LiteRTModel | None = None,
+    int8_card: dict[str, Any] | None = None,
 ) -> ModelCard:
     """Write model.keras and model_card.json into `directory` (local or s3://).
 
     With `litert`, also model.tflite when the conversion reproduces Keras (inference_model):
-    `dogbread label` then starts without TensorFlow in its driver (see load_litert).
+    `dogbread label` then starts without TensorFlow in its driver (see load_litert). With it, an
+    `int8` quantization goes to model.int8.tflite and `int8_card` (its accuracy, and whether it
+    is served: dogbread.quantize.int8_conversion) to the card's litert_int8. Not without
+    model.tflite: the card's litert_keras_sha256 is what ties both to this model.keras.
     """
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, MODEL_FILENAME)
@@ -207,6 +237,7 @@ def save_model(
         model_version=card.model_version or sha256[:12],
         versions=card.versions or versions(),
         litert_keras_sha256="",
+        litert_int8={},
     )
     converted = inference_model(model) if litert else None
     if isinstance(converted, LiteRTModel):
@@ -214,6 +245,11 @@ def save_model(
             storage.join(directory, LITERT_FILENAME), converted.flatbuffer, s3_endpoint
         )
         card = dataclasses.replace(card, litert_keras_sha256=sha256)
+        if int8 is not None:
+            storage.write_bytes(
+                storage.join(directory, INT8_FILENAME), int8.flatbuffer, s3_endpoint
+            )
+            card = dataclasses.replace(card, litert_int8=dict(int8_card or {}))
     storage.write_bytes(storage.join(directory, MODEL_FILENAME), data, s3_endpoint)
     storage.write_text(storage.join(directory, CARD_FILENAME), card.to_json(), s3_endpoint)
     return card
@@ -228,13 +264,32 @@ def model_paths(uri: str) -> tuple[str, str]:
 
 def load_model(uri: str, s3_endpoint: str | None = None) -> tuple[keras.Model, ModelCard]:
     """Load a model dir (or its model.keras) in Keras safe mode, with its model card."""
+    data, card = read_model(uri, s3_endpoint)
+    model = model_from_bytes(data, uri)
+    if card is None:  # a bare model file: name the classes by index
+        n = max(2, model.output_shape[-1])
+        card = ModelCard(tuple(f"class_{i}" for i in range(n)), model.input_shape[1], 0)
+    _check_image_size(card, model.input_shape[1])
+    return model, card
+
+
+def read_model(uri: str, s3_endpoint: str | None = None) -> tuple[bytes, ModelCard | None]:
+    """The bytes of a model dir's model.keras (or of a model.keras path), and its card if any.
+    Needs no TensorFlow: a wrong path fails before it loads."""
     directory, model_uri = model_paths(uri)
     try:
-        fs, path = storage.resolve(model_uri, s3_endpoint)
-        data = storage.read_bytes(fs, path)
+        data = storage.read_bytes(*storage.resolve(model_uri, s3_endpoint))
     except OSError:
         raise ModelError(f"no model at {uri} (expected a run dir with {MODEL_FILENAME})") from None
-    import tf_keras as keras  # after the read: a wrong path fails before TensorFlow loads
+    card_uri = storage.join(directory, CARD_FILENAME)
+    if not storage.exists(card_uri, s3_endpoint):
+        return data, None
+    return data, ModelCard.from_json(storage.read_text(card_uri, s3_endpoint))
+
+
+def model_from_bytes(data: bytes, uri: str) -> keras.Model:
+    """A model.keras file's bytes loaded in Keras safe mode; `uri` names it in errors."""
+    import tf_keras as keras
 
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, MODEL_FILENAME)
@@ -242,22 +297,15 @@ def load_model(uri: str, s3_endpoint: str | None = None) -> tuple[keras.Model, M
             out.write(data)
         try:
             # safe_mode refuses models that carry arbitrary code (Lambda layers).
-            model = keras.models.load_model(local, safe_mode=True)
+            return keras.models.load_model(local, safe_mode=True)
         except Exception as exc:  # Keras raises many types for a bad file
             raise ModelError(f"cannot load model {uri}: {first_line(exc)}") from None
-    card_uri = storage.join(directory, CARD_FILENAME)
-    if storage.exists(card_uri, s3_endpoint):
-        card = ModelCard.from_json(storage.read_text(card_uri, s3_endpoint))
-    else:  # a bare model file: name the classes by index
-        n = max(2, model.output_shape[-1])
-        card = ModelCard(tuple(f"class_{i}" for i in range(n)), model.input_shape[1], 0)
-    _check_image_size(card, model.input_shape[1])
-    return model, card
 
 
 def load_litert(uri: str, s3_endpoint: str | None = None) -> tuple[LiteRTModel, ModelCard] | None:
     """The model.tflite that save_model(litert=True) wrote beside this very model.keras, with the
     card; None when there is none (or it is of another model.keras). Needs no TensorFlow.
+    Its model.int8.tflite instead, when the card says that is served (it was as accurate).
 
     Safe as Keras safe mode is: the flatbuffer holds operators, not Python code.
     """
@@ -273,7 +321,7 @@ def load_litert(uri: str, s3_endpoint: str | None = None) -> tuple[LiteRTModel, 
         if hashlib.sha256(keras_bytes).hexdigest() != card.litert_keras_sha256:
             log.info("%s is not of this %s: not used", LITERT_FILENAME, MODEL_FILENAME)
             return None
-        litert_uri = storage.join(directory, LITERT_FILENAME)
+        litert_uri = storage.join(directory, _served_litert(directory, card, s3_endpoint))
         flatbuffer = storage.read_bytes(*storage.resolve(litert_uri, s3_endpoint))
         details = Interpreter(model_content=flatbuffer)
         (image,), (output,) = details.get_input_details(), details.get_output_details()
@@ -281,6 +329,24 @@ def load_litert(uri: str, s3_endpoint: str | None = None) -> tuple[LiteRTModel, 
         return None
     _check_image_size(card, int(image["shape_signature"][1]))
     return LiteRTModel(flatbuffer, (None, int(output["shape_signature"][-1]))), card
+
+
+def _served_litert(directory: str, card: ModelCard, s3_endpoint: str | None) -> str:
+    """The file name of the LiteRT model to serve: the int8 one when its card says so."""
+    int8 = card.litert_int8
+    if int8.get("served"):
+        if storage.exists(storage.join(directory, INT8_FILENAME), s3_endpoint):
+            log.info(
+                "inference runs in %s: val accuracy %s, the float one's %s (%s images)",
+                INT8_FILENAME,
+                int8.get("int8_val_accuracy"),
+                int8.get("float_val_accuracy"),
+                int8.get("val_images"),
+            )
+            return INT8_FILENAME
+        log.warning("%s is missing: %s serves instead", INT8_FILENAME, LITERT_FILENAME)
+    log.info("inference runs in %s", LITERT_FILENAME)
+    return LITERT_FILENAME
 
 
 def _check_image_size(card: ModelCard, size: int) -> None:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from dogbread import console, data, evaluate, storage
+from dogbread import console, data, distill, evaluate, storage
 from dogbread.config import CONFIG_FILENAME, TrainConfig, dump_config, load_config
 from dogbread.errors import ConfigError, DataError
 from dogbread.train_worker import BEST_WEIGHTS, STATE, epoch_steps, train_loop
@@ -61,6 +61,7 @@ def run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         if present != set(manifest.class_names):
             missing = ", ".join(sorted(set(manifest.class_names) - present)) or "all"
             raise DataError(f"the {split} split has no images of class(es): {missing}")
+    start = distill.starting_point(config, manifest.class_names)
     out = config.out
     if not resume and storage.exists(storage.join(out, CONFIG_FILENAME), config.s3_endpoint):
         raise DataError(f"{out} already holds a run: continue it with --resume {out}")
@@ -76,7 +77,7 @@ def run(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
             storage.join(out, CONFIG_FILENAME), dump_config(config), config.s3_endpoint
         )
         data.write_manifest(manifest, storage.join(out, MANIFEST_FILENAME), config.s3_endpoint)
-        return _train_and_evaluate(config, manifest)
+        return _train_and_evaluate(config, manifest, start)
     finally:
         if started:
             import ray
@@ -118,7 +119,9 @@ def resume(run_dir: str, s3_endpoint: str | None = None) -> dict[str, Any]:
     return run(config, resume=True)
 
 
-def _train_and_evaluate(config: TrainConfig, manifest: data.Manifest) -> dict[str, Any]:
+def _train_and_evaluate(
+    config: TrainConfig, manifest: data.Manifest, start: distill.StartingPoint
+) -> dict[str, Any]:
     from dogbread.model import build_model
 
     splits = {split: manifest.split(split) for split in data.SPLITS}  # each filtered once
@@ -128,7 +131,7 @@ def _train_and_evaluate(config: TrainConfig, manifest: data.Manifest) -> dict[st
     if rows["train"] < needed:
         raise DataError(f"only {rows['train']} training images, {needed} needed")
 
-    checkpoint = _fit(config, manifest, splits)
+    checkpoint = _fit(config, manifest, splits, start)
     model = build_model(_model_config(config, manifest))
     with checkpoint.as_directory() as directory:
         with open(os.path.join(directory, STATE)) as f:
@@ -160,7 +163,10 @@ def _train_and_evaluate(config: TrainConfig, manifest: data.Manifest) -> dict[st
         )
         print(evaluate.format_metrics(metrics))
         tensorboard = os.path.join(directory, "tensorboard")
-        _write_artifacts(config, manifest, model, metrics, state["history"], tensorboard)
+        int8 = _int8_conversion(config, manifest.class_names, splits, model)
+        _write_artifacts(
+            config, manifest, model, metrics, state["history"], tensorboard, start, int8
+        )
     return metrics
 
 
@@ -181,15 +187,22 @@ def _model_config(config: TrainConfig, manifest: data.Manifest, train_images: in
         decay_steps=max(config.epochs * steps - warmup, 1) if config.lr_schedule == "cosine" else 0,
         warmup_steps=warmup,
         warmup_from=config.learning_rate,
+        freeze_steps=steps * config.freeze_epochs,
     )
 
 
-def _fit(config: TrainConfig, manifest: data.Manifest, splits: dict[str, Any]) -> Any:
+def _fit(
+    config: TrainConfig,
+    manifest: data.Manifest,
+    splits: dict[str, Any],
+    start: distill.StartingPoint,
+) -> Any:
     """Run the TensorflowTrainer on the manifest's `splits` (tables); returns the last checkpoint
     (state, current and best weights).
 
     The workers get the train and val path tables through the object store (put once, ~100
-    bytes an image), and read and decode their images themselves (dogbread/train_data.py)."""
+    bytes an image), and read and decode their images themselves (dogbread/train_data.py); the
+    teacher and the backbone's weights come the same way."""
     import ray
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
@@ -214,6 +227,11 @@ def _fit(config: TrainConfig, manifest: data.Manifest, splits: dict[str, Any]) -
             "class_names": manifest.class_names,
             "s3_endpoint": config.s3_endpoint,
             "worker_cache_mib": config.worker_cache_mib,
+            "teacher": ray.put(start.teacher) if start.teacher else None,
+            "distill": (config.distill_temperature, config.distill_weight),
+            "backbone_weights": (config.backbone_weights, ray.put(start.backbone_weights))
+            if start.backbone_weights
+            else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.workers,
@@ -315,6 +333,25 @@ class EpochLines:
             return {}
 
 
+def _int8_conversion(
+    config: TrainConfig, class_names: tuple[str, ...], splits: dict[str, Any], model: Any
+) -> tuple[Any, dict[str, Any]]:
+    """The model's int8 LiteRT quantization, calibrated on training images, and its card entry:
+    its val accuracy beside the float conversion's, and whether it serves (dogbread.quantize).
+    None where no float conversion serves either (TensorFlow on a GPU driver)."""
+    from dogbread import quantize
+    from dogbread.litert import LiteRTModel, inference_model
+
+    if not isinstance(inference_model(model), LiteRTModel):
+        return None, {}
+    split_of = {"class_names": class_names, "image_size": config.image_size}
+    split_of["s3_endpoint"] = config.s3_endpoint
+    calibration = quantize.sample_images(splits["train"], **split_of)
+    return quantize.int8_conversion(
+        model, calibration, quantize.sample_batches(splits["val"], **split_of)
+    )
+
+
 def _write_artifacts(
     config: TrainConfig,
     manifest: data.Manifest,
@@ -322,6 +359,8 @@ def _write_artifacts(
     metrics: dict[str, Any],
     history: list[dict[str, float]],
     tensorboard_dir: str,
+    start: distill.StartingPoint,
+    int8: tuple[Any, dict[str, Any]],
 ) -> None:
     from dogbread.model import MODEL_FILENAME, ModelCard, save_model
 
@@ -335,8 +374,12 @@ def _write_artifacts(
         parameter_count=model.count_params(),
         data_fingerprint=fingerprint.hexdigest()[:16],
         metrics={k: metrics[k] for k in ("accuracy", "precision", "recall", "images")},
+        architecture=config.architecture,
+        teacher=start.teacher_version,
+        backbone_weights=config.backbone_weights or "",
+        backbone_weights_sha256=start.backbone_sha256,
     )
-    card = save_model(model, card, out, endpoint, litert=True)
+    card = save_model(model, card, out, endpoint, litert=True, int8=int8[0], int8_card=int8[1])
     metrics["model_version"] = card.model_version
     storage.write_text(storage.join(out, "metrics.json"), json.dumps(metrics, indent=2), endpoint)
     buffer = io.StringIO()

@@ -47,6 +47,7 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
         model = seeded_model(loop_config["model"], loop_config["seed"])
+        trainer = _trainer(model, loop_config)
 
     state: dict[str, Any] = {
         "epoch": 0,
@@ -108,7 +109,7 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
         # by _validate) are the same on every worker, so all take the same early-stopping
         # decision and none is left waiting alone in a collective.
         metrics = {k: float(v) for k, v in logs.items()}
-        metrics["train_images"] = _trained_images(model)
+        metrics["train_images"] = _trained_images(trainer)
         unreadable = _gather(strategy, context, [plan.unreadable.pop(epoch)])
         metrics["unreadable_images"] = int(sum(row[0] for row in unreadable))
         metrics["learning_rate"] = float(model.optimizer.learning_rate.numpy())  # at its last step
@@ -147,9 +148,9 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
                 f"[rank {rank}] early stop: no better val_loss since epoch {state['best_epoch']}",
                 flush=True,
             )
-            model.stop_training = True
+            trainer.stop_training = True
 
-    model.fit(
+    trainer.fit(
         dataset,
         epochs=loop_config["epochs"],
         initial_epoch=first - 1,
@@ -162,6 +163,29 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
             )
         ],
     )
+
+
+def _trainer(model: Any, loop_config: dict[str, Any]) -> Any:
+    """What fit() runs: the model itself, or a dogbread.distill trainer of it when a teacher or
+    a frozen backbone takes part. Loads the backbone's pretrained weights and the teacher (both
+    sent by the driver through the object store: workers need not reach the driver's files)."""
+    import ray
+
+    from dogbread.backbone import load_weights
+    from dogbread.distill import student_trainer
+    from dogbread.model import model_from_bytes
+
+    if loop_config["backbone_weights"]:  # a resumed run then loads its checkpoint over them
+        name, weights = loop_config["backbone_weights"]
+        load_weights(model, ray.get(weights), name)
+    freeze_steps = loop_config["model"]["freeze_steps"]
+    if loop_config["teacher"] is None and not freeze_steps:
+        return model
+    teacher = None
+    if loop_config["teacher"] is not None:
+        teacher = model_from_bytes(ray.get(loop_config["teacher"]), "the teacher")
+    temperature, weight = loop_config["distill"]
+    return student_trainer(model, teacher, temperature, weight, freeze_steps)
 
 
 def _restore(checkpoint: Any, strategy: Any, model: Any, work: str) -> dict[str, Any]:
@@ -316,10 +340,10 @@ def _validate(strategy: Any, context: Any, model: Any, forward: Any, batches: An
     }
 
 
-def _trained_images(model: Any) -> int:
+def _trained_images(trainer: Any) -> int:
     """Images trained on in this epoch by all workers: the count behind the accuracy metric,
     which Keras resets as each epoch begins and which the strategy sums over workers on read."""
-    accuracy = next(metric for metric in model.metrics if metric.name == "accuracy")
+    accuracy = next(metric for metric in trainer.metrics if metric.name == "accuracy")
     return int(accuracy.count.numpy())
 
 
