@@ -101,18 +101,40 @@ def write_manifest(paths: list[str], out: Path) -> str:
     return str(out)
 
 
-def model_dir(image_size: int) -> str:
-    """An untrained seed CNN (fixed initial weights) with its card; throughput ignores weights."""
-    folder = CACHE / f"model-{image_size}"
+def model_dir(image_size: int, architecture: str = "seed", int8: bool = False) -> str:
+    """An untrained CNN (fixed initial weights) with its card; throughput ignores weights.
+
+    With `int8`, the same model saved with its int8 quantization too, served whatever its
+    accuracy (an untrained model's is meaningless): `dogbread label` then runs it. Its value
+    ranges are taken from the first CALIBRATION_IMAGES images of the 256 px set.
+    """
+    name = "model" if architecture == "seed" else f"model-{architecture}"
+    folder = CACHE / f"{name}-{image_size}{'-int8' if int8 else ''}"
     if not (folder / "model_card.json").exists():
         import tf_keras as keras
 
         from dogbread.model import ModelCard, ModelConfig, build_model, save_model
 
         keras.utils.set_random_seed(0)
-        model = build_model(ModelConfig(image_size=image_size))
-        save_model(model, ModelCard(("bread", "dog"), image_size, 0), str(folder), litert=True)
+        model = build_model(ModelConfig(image_size=image_size, architecture=architecture))
+        card = ModelCard(("bread", "dog"), image_size, 0)
+        quantized, int8_card = _int8(model, image_size) if int8 else (None, None)
+        save_model(model, card, str(folder), litert=True, int8=quantized, int8_card=int8_card)
     return str(folder)
+
+
+def _int8(model: Any, image_size: int) -> tuple[Any, dict[str, Any]]:
+    from dogbread.images import decode_image
+    from dogbread.litert import quantize_int8
+    from dogbread.quantize import CALIBRATION_IMAGES
+
+    paths = image_paths(SMALL, CALIBRATION_IMAGES)
+    calibration = np.stack([decode_image(Path(p).read_bytes(), image_size) for p in paths])
+    quantized = quantize_int8(model, calibration)
+    if quantized is None:
+        raise RuntimeError("the int8 quantization failed: see the warning above")
+    card = {"float_val_accuracy": None, "int8_val_accuracy": None, "val_images": 0}
+    return quantized, {**card, "served": True}
 
 
 def machine() -> dict[str, Any]:

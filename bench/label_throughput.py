@@ -9,9 +9,12 @@ own clock, (c)'s and (d)'s from the times their Parquet parts appeared. (a) time
 on the first --seed-images images (it is ~40x slower). (c) runs the default plan, which on one
 machine without --gpu is fused (the labeling actor reads, decodes and infers); (d) decodes in
 Ray Data tasks of one CPU and passes the pixels through the object store to the actor, which only
-infers: split/fused is the measurement that default is chosen by. Prints one JSON object.
+infers: split/fused is the measurement that default is chosen by. With --int8, (e) is (c) on
+the same model saved with its int8 quantization, served (`int8_speedup`: e/c). Prints one JSON
+object.
 
     python bench/label_throughput.py [--images 10000] [--large-images 1000] [--repeat 1]
+        [--int8] [--architecture seed|residual] [--image-size 256]
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 
@@ -59,19 +63,26 @@ def run_label(model: str, manifest: str, out: Path, *extra: str) -> dict[str, An
 
 
 def measure(
-    spec: common.ImageSet, count: int, seed_count: int, repeat: int, work: Path, split: bool
+    spec: common.ImageSet,
+    count: int,
+    seed_count: int,
+    repeat: int,
+    work: Path,
+    split: bool,
+    models: tuple[str, str | None],
 ) -> dict:
-    """(a), (b) and (c) on the first `count` images of `spec`; and (d), the split plan, if
-    `split`. (b), (c) and (d) run `repeat` times, in turn; each reports its median run."""
+    """(a), (b) and (c) on the first `count` images of `spec` with models[0]; (d), the split
+    plan, if `split`; (e), (c) with models[1] (its int8 twin), if there is one. (b) to (e) run
+    `repeat` times, in turn; each reports its median run."""
     seed_count = min(seed_count, count)
     paths = common.image_paths(spec, count)
     manifest = common.write_manifest(paths, work / f"{spec.name}-{count}.csv")
-    model = common.model_dir(256)
+    model, int8_model = models
     load_before = os.getloadavg()[0]
     _, seed = run_script(
         "seed_loop.py", "--model", model, "--input", manifest, "--limit", str(seed_count)
     )
-    local_runs, label_runs, split_runs = [], [], []
+    local_runs, label_runs, split_runs, int8_runs = [], [], [], []
     for _ in range(repeat):  # alternated, so that a change of load hits each alike
         output = work / f"{spec.name}-local.parquet"
         wall, local = run_script(
@@ -88,6 +99,9 @@ def measure(
         if split:  # default actors and actor CPUs: 1 actor of 1 CPU, decoding on the rest
             out = work / f"{spec.name}-labels-split"
             split_runs.append(run_label(model, manifest, out, "--plan", "split"))
+        if int8_model:
+            out = work / f"{spec.name}-labels-int8"
+            int8_runs.append({**run_label(int8_model, manifest, out), "int8": _int8_share(out)})
     local = _median_run(local_runs, "images_per_second_wall")
     label = _median_run(label_runs, "images_per_second_wall")
     seed_rate = seed["images_per_second"]
@@ -121,7 +135,27 @@ def measure(
         result["split_over_fused_steady"] = (
             round(split_steady / steady, 2) if split_steady and steady else None
         )
+    if int8_runs:
+        int8_run = _median_run(int8_runs, "images_per_second_wall")
+        int8_steady = int8_run["images_per_second_steady"]
+        result["e_label_int8"] = int8_run
+        result["runs"]["e"] = [r["images_per_second_wall"] for r in int8_runs]
+        result["int8_speedup"] = round(
+            int8_run["images_per_second_wall"] / label["images_per_second_wall"], 2
+        )
+        result["int8_speedup_steady"] = (
+            round(int8_steady / steady, 2) if int8_steady and steady else None
+        )
     return result
+
+
+def _int8_share(out: Path) -> float:
+    """The share of the labels' scores that are whole 256ths: the int8 model's output steps.
+    1.0 shows that the run served the int8 model; the float one's hardly ever are."""
+    import pyarrow.parquet as pq
+
+    scores = pq.read_table(out, columns=["score"])["score"].to_numpy()
+    return round(float(np.mean(np.isclose(scores * 256, np.round(scores * 256), atol=1e-3))), 3)
 
 
 def _median_run(runs: list[dict], key: str) -> dict:
@@ -136,8 +170,13 @@ def main(argv: list[str] | None = None) -> dict:
         "--large-images", type=int, help="4000x3000 images (default: images/10; 0: none)"
     )
     parser.add_argument("--seed-images", type=int, default=300, help="images for the seed loop")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of (b), (c), (d); the median")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of (b) to (e); the median")
+    parser.add_argument("--int8", action="store_true", help="(e): (c) with int8 inference")
+    parser.add_argument("--architecture", default="seed", choices=("seed", "residual"))
+    parser.add_argument("--image-size", type=int, default=256, help="the model's input size")
     args = parser.parse_args(argv)
+    model = common.model_dir(args.image_size, args.architecture)
+    int8 = common.model_dir(args.image_size, args.architecture, int8=True) if args.int8 else None
     large = args.large_images if args.large_images is not None else max(1, args.images // 10)
 
     work = Path(tempfile.mkdtemp(prefix="dogbread-throughput-"))
@@ -145,15 +184,16 @@ def main(argv: list[str] | None = None) -> dict:
         result = {
             "benchmark": "label_throughput",
             "machine": common.machine(),  # the load average before the runs
+            "model": {"architecture": args.architecture, "image_size": args.image_size},
             "small": measure(
-                common.SMALL, args.images, args.seed_images, args.repeat, work, split=True
+                common.SMALL, args.images, args.seed_images, args.repeat, work, True, (model, int8)
             ),
         }
         if large:
             seed_large = max(1, args.seed_images // 3)  # each takes seconds in the seed's loop
             # No (d): at ~70 img/s, 1,000 12 MP images take minutes a run.
             result["large"] = measure(
-                common.LARGE, large, seed_large, args.repeat, work, split=False
+                common.LARGE, large, seed_large, args.repeat, work, False, (model, int8)
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -156,12 +156,22 @@ def test_accuracy_smoke_trains_on_the_real_photos_and_reports_beside_the_noteboo
     versions = [json.loads(Path(m["run_dir"], "metrics.json").read_text()) for m in members]
     assert card["members"] == [v["model_version"] for v in versions]
     assert "architecture residual" in text and "the members alone" in text
+    # The student (--distill): the recipe, taught by the ensemble, beside it with its speed.
+    student = ensembled["student"]
+    assert student["seed"] == 2 and student["epochs_run"] == 1 and student["val_images"] == 16
+    assert student["images_per_second"] > 0 and ensembled["images_per_second"] > 0
+    assert ensembled["student_minus_ensemble"] == round(
+        student["accuracy"] - ensembled["accuracy"], 4
+    )
+    student_card = json.loads((Path(student["run_dir"]) / "model_card.json").read_text())
+    assert student_card["teacher"] == card["model_version"]
+    assert "distilled from that ensemble" in text
 
     # Again into the same folder (what run_all ran, with --out): the members are not trained again.
     smoke = ["--architecture", "residual", "--augment", "--lr-schedule", "cosine"]
     smoke += ["--image-size", "64", "--epochs", "1", "--patience", "20", "--limit", "16"]
     again = subprocess.run(
-        [sys.executable, "bench/accuracy.py", *smoke, "--members", "2"]
+        [sys.executable, "bench/accuracy.py", *smoke, "--members", "2", "--distill"]
         + ["--out", str(Path(ensembled["run_dir"]).parent)],
         cwd=PROJECT,
         capture_output=True,
@@ -169,9 +179,10 @@ def test_accuracy_smoke_trains_on_the_real_photos_and_reports_beside_the_noteboo
         check=True,
         timeout=300,
     )
-    assert again.stderr.count("reusing the finished run") == 2
+    assert again.stderr.count("reusing the finished run") == 3  # the student too
     rerun = json.loads(again.stdout)
     assert rerun["members"] == members
+    assert rerun["student"]["accuracy"] == student["accuracy"]
     assert rerun["accuracy"] == ensembled["accuracy"]
 
 
