@@ -121,7 +121,13 @@ def test_a_backbone_starts_from_its_weights_file_stays_frozen_then_is_fine_tuned
     from dogbread.model import ModelConfig, build_model, load_model
 
     keras.utils.set_random_seed(11)  # weights of its own, not those the run's seed draws
-    pretrained = backbone._network("mobilenet_v3_small", BACKBONE_SIZE, weights=None)
+    pretrained = keras.applications.MobileNetV3Small(
+        input_shape=(BACKBONE_SIZE, BACKBONE_SIZE, 3),
+        include_top=False,
+        weights=None,
+        pooling="avg",
+        include_preprocessing=True,
+    )
     weights_file = tmp_path / "mobilenet.weights.h5"
     pretrained.save_weights(str(weights_file))
     expected = pretrained.get_weights()
