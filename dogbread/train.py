@@ -344,12 +344,10 @@ def _int8_conversion(
 
     if not isinstance(inference_model(model), LiteRTModel):
         return None, {}
-    split_of = {"class_names": class_names, "image_size": config.image_size}
-    split_of["s3_endpoint"] = config.s3_endpoint
-    calibration = quantize.sample_images(splits["train"], **split_of)
-    return quantize.int8_conversion(
-        model, calibration, quantize.sample_batches(splits["val"], **split_of)
-    )
+    reading = (class_names, config.image_size, config.s3_endpoint)
+    calibration = quantize.sample_images(splits["train"], *reading)
+    val_batches = quantize.sample_batches(splits["val"], *reading)
+    return quantize.int8_conversion(model, calibration, val_batches)
 
 
 def _write_artifacts(
