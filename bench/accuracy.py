@@ -172,18 +172,26 @@ def trained(config: TrainConfig) -> dict:
     return train.run(config)
 
 
-def images_per_second(model_dir: str, image_size: int, batches: int = 20) -> float:
-    """The model's labeling speed alone: its LiteRT conversion (int8 if served) on every core,
-    batches of 128 random images after one to warm up."""
-    from dogbread.model import load_litert, load_model, predict_probabilities
+def images_per_second(model_dir: str, image_size: int, batches: int = 20) -> dict:
+    """The model's labeling speed alone, float and (when it serves) int8: LiteRT on every core,
+    batches of 128 random images after one to warm up (Keras where there is no LiteRT file)."""
+    from dogbread.litert import LiteRTModel
+    from dogbread.model import LITERT_FILENAME, load_litert, load_model, predict_probabilities
 
-    model, _ = load_litert(model_dir) or load_model(model_dir)
+    served, card = load_litert(model_dir) or load_model(model_dir)
+    runners = {"float": served}
+    if card.litert_int8.get("served"):
+        flatbuffer = Path(model_dir, LITERT_FILENAME).read_bytes()
+        runners = {"float": LiteRTModel(flatbuffer, served.output_shape), "int8": served}
     images = np.random.default_rng(0).integers(0, 256, (128, image_size, image_size, 3), np.uint8)
-    predict_probabilities(model, images)
-    start = time.perf_counter()
-    for _ in range(batches):
-        predict_probabilities(model, images)
-    return round(batches * len(images) / (time.perf_counter() - start), 1)
+    speeds = {}
+    for name, runner in runners.items():
+        predict_probabilities(runner, images)
+        start = time.perf_counter()
+        for _ in range(batches):
+            predict_probabilities(runner, images)
+        speeds[name] = round(batches * len(images) / (time.perf_counter() - start), 1)
+    return speeds
 
 
 def scores(metrics: dict) -> dict:
