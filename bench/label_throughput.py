@@ -10,8 +10,8 @@ on the first --seed-images images (it is ~40x slower). (c) runs the default plan
 machine without --gpu is fused (the labeling actor reads, decodes and infers); (d) decodes in
 Ray Data tasks of one CPU and passes the pixels through the object store to the actor, which only
 infers: split/fused is the measurement that default is chosen by. With --int8, (e) is (c) on
-the same model saved with its int8 quantization, served (`int8_speedup`: e/c). Prints one JSON
-object.
+the same model saved with its int8 quantization, served (`int8_over_fused_wall`: e/c). Prints
+one JSON object.
 
     python bench/label_throughput.py [--images 10000] [--large-images 1000] [--repeat 1]
         [--int8] [--architecture seed|residual] [--image-size 256]
@@ -125,28 +125,25 @@ def measure(
         "c_over_b_steady": steady and round(steady / local["images_per_second_labeling"], 2),
     }
     if split_runs:
-        split_run = _median_run(split_runs, "images_per_second_wall")
-        split_steady = split_run["images_per_second_steady"]
-        result["d_label_split"] = split_run
-        result["runs"]["d"] = [r["images_per_second_wall"] for r in split_runs]
-        result["split_over_fused_wall"] = round(
-            split_run["images_per_second_wall"] / label["images_per_second_wall"], 2
-        )
-        result["split_over_fused_steady"] = (
-            round(split_steady / steady, 2) if split_steady and steady else None
-        )
+        _beside_c(result, "d_label_split", "d", split_runs, "split_over_fused")
     if int8_runs:
-        int8_run = _median_run(int8_runs, "images_per_second_wall")
-        int8_steady = int8_run["images_per_second_steady"]
-        result["e_label_int8"] = int8_run
-        result["runs"]["e"] = [r["images_per_second_wall"] for r in int8_runs]
-        result["int8_speedup"] = round(
-            int8_run["images_per_second_wall"] / label["images_per_second_wall"], 2
-        )
-        result["int8_speedup_steady"] = (
-            round(int8_steady / steady, 2) if int8_steady and steady else None
-        )
+        _beside_c(result, "e_label_int8", "e", int8_runs, "int8_over_fused")
     return result
+
+
+def _beside_c(result: dict, name: str, letter: str, runs: list[dict], ratio: str) -> None:
+    """The median of `runs` as result[name], beside (c): its rates over (c)'s, end to end as
+    `ratio`_wall and at the steady rate as `ratio`_steady."""
+    label = result["c_dogbread_label"]
+    steady = label["images_per_second_steady"]
+    run = _median_run(runs, "images_per_second_wall")
+    result[name] = run
+    result["runs"][letter] = [r["images_per_second_wall"] for r in runs]
+    result[f"{ratio}_wall"] = round(
+        run["images_per_second_wall"] / label["images_per_second_wall"], 2
+    )
+    run_steady = run["images_per_second_steady"]
+    result[f"{ratio}_steady"] = round(run_steady / steady, 2) if run_steady and steady else None
 
 
 def _int8_share(out: Path) -> float:
