@@ -17,12 +17,12 @@ from typing import Any
 
 from dogbread import console
 from dogbread.config import (
-    RECIPES,
     EnsembleConfig,
     LabelConfig,
     SynthConfig,
     TrainConfig,
     load_config,
+    recipe_names,
 )
 from dogbread.errors import DogbreadError, first_line
 
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the CNN data-parallel with Ray Train")
     add_config_flags(p, TrainConfig)
-    recipes = ", ".join(sorted(path.stem for path in RECIPES.glob("*.yaml")))
+    recipes = ", ".join(recipe_names())
     p.add_argument(
         "--recipe",
         metavar="NAME",

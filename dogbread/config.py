@@ -201,12 +201,16 @@ def load_config(
     return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
 
 
+def recipe_names() -> list[str]:
+    """The shipped recipes (dogbread/recipes/NAME.yaml), sorted."""
+    return sorted(path.stem for path in RECIPES.glob("*.yaml"))
+
+
 def recipe_path(name: str) -> str:
-    """The shipped recipe file of that name (dogbread/recipes/NAME.yaml)."""
+    """The shipped recipe file of that name."""
     path = RECIPES / f"{name}.yaml"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
-        raise ConfigError(f"no recipe {name!r}: the recipes are {known}")
+        raise ConfigError(f"no recipe {name!r}: the recipes are {', '.join(recipe_names())}")
     return str(path)
 
 
