@@ -99,8 +99,7 @@ def _train_epochs(loop_config: dict[str, Any], work: str) -> None:
     def begin_epoch(index: int, logs: dict[str, float]) -> None:
         started.update(epoch=time.perf_counter())
         # Dropout's and augmentation's draws: a function of (seed, epoch), as the data order is.
-        for i, generator in enumerate(generators):
-            generator.reset_from_seed(loop_config["seed"] * 1_000_003 + (index + 1) * 101 + i)
+        reseed_generators(generators, loop_config["seed"], index + 1)
 
     def end_epoch(index: int, logs: dict[str, float]) -> None:
         epoch = index + 1  # Keras counts epochs from 0
@@ -372,6 +371,19 @@ def _random_generators(model: Any) -> list[Any]:
         if generator is not None:
             found.append(generator)
     return found
+
+
+def reseed_generators(generators: list[Any], seed: int, epoch: int) -> None:
+    """Gives each generator its own Philox key drawn from (seed, epoch, its index), counter 0.
+
+    Not reset_from_seed(n): an integer seed becomes the counter with key 0, so seed n + 1 draws
+    seed n's stream shifted by one block. Neighbouring layers, epochs and runs then replayed each
+    other's draws (the next epoch's dropout masks were this epoch's, 404 values on)."""
+    import numpy as np
+
+    for i, generator in enumerate(generators):
+        key = np.random.SeedSequence([seed, epoch, i]).generate_state(1, np.uint64)[0]
+        generator.reset_from_key_counter(int(key.astype(np.int64)), [0, 0])
 
 
 def _maybe_inject_fault(epoch: int, rank: int, workers: int) -> None:

@@ -188,6 +188,27 @@ def test_the_seed_sets_the_initial_weights():
     assert kernels and not any(np.allclose(x, y, atol=1e-3) for x, y in kernels)
 
 
+def test_each_layer_and_epoch_draws_a_stream_of_its_own():
+    """Dropout's and augmentation's generators, reseeded per epoch: no stream may be another's
+    shifted (reset_from_seed(n + 1) replays reset_from_seed(n) one block on), and a repeated
+    (seed, epoch) repeats exactly, which resume relies on."""
+    import tensorflow as tf
+
+    from dogbread.train_worker import _random_generators, reseed_generators, seeded_model
+
+    generators = _random_generators(seeded_model({"image_size": SMALL, "augment": True}, 0))
+    assert len(generators) >= 2  # augmentation layers and Dropout
+
+    def draws(seed: int, epoch: int) -> list[np.ndarray]:
+        reseed_generators(generators, seed, epoch)
+        return [g.uniform_full_int([4096], tf.int64).numpy() for g in generators]
+
+    streams = draws(0, 1) + draws(0, 2) + draws(1, 1)
+    assert all(np.array_equal(x, y) for x, y in zip(draws(0, 1), streams, strict=False))
+    pooled = np.concatenate(streams)
+    assert len(np.unique(pooled)) == len(pooled)  # 64-bit draws: any repeat is a shared stream
+
+
 def test_a_finished_run_dir_is_not_overwritten(two_worker_run, tree_with_bad_files):
     out, _ = two_worker_run
     before = (out / "model.keras").read_bytes()
