@@ -377,8 +377,8 @@ def reseed_generators(generators: list[Any], seed: int, epoch: int) -> None:
     """Gives each generator its own Philox key drawn from (seed, epoch, its index), counter 0.
 
     Not reset_from_seed(n): an integer seed becomes the counter with key 0, so seed n + 1 draws
-    seed n's stream shifted by one block. Neighbouring layers, epochs and runs then replayed each
-    other's draws (the next epoch's dropout masks were this epoch's, 404 values on)."""
+    seed n's stream shifted by one block. Neighbouring layers and epochs then replayed each other's
+    draws (the next epoch's dropout masks were this epoch's, 404 values on)."""
     import numpy as np
 
     for i, generator in enumerate(generators):
