@@ -238,10 +238,9 @@ def _sizing_row(sizing: dict[str, Any]) -> str:
 
 
 def _train_memory_row(memory: dict) -> str:
-    runs = memory["runs"]
-    small, large = runs.values()
-    store = " → ".join(f"{r['object_store_peak_mib']} MiB" for r in (small, large))
-    driver = " → ".join(f"{r['driver_peak_rss_mib']:,.0f}" for r in (small, large))
+    runs = memory["runs"]  # two sizes; one in --smoke, whose growths are None
+    store = " → ".join(f"{r['object_store_peak_mib']} MiB" for r in runs.values())
+    driver = " → ".join(f"{r['driver_peak_rss_mib']:,.0f}" for r in runs.values())
     return (
         f"| peak memory of `dogbread train` ({memory['command'].removeprefix('dogbread train ')})"
         f", {' vs '.join(f'{int(n):,}' for n in runs)} images | object store {store} "

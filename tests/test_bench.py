@@ -82,6 +82,12 @@ def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
         r["peak_rss_mib"] > 100 and r["peak_processes"] >= 3 for r in memory["runs"].values()
     )
     assert memory["rss_growth"] > 0 and memory["pss_growth"] > 0
+    train_memory = found["train_memory"]  # --smoke: one run, so no growth
+    (trained,) = train_memory["runs"].values()
+    assert trained["driver_peak_rss_mib"] > 100 and trained["peak_processes"] >= 3
+    assert trained["object_store_peak_mib"] > 0 and trained["object_store_capacity_mib"] > 0
+    assert trained["peak_pss_mib"] <= trained["peak_rss_mib"]
+    assert train_memory["object_store_growth"] is None and train_memory["tree_pss_growth"] is None
     startup = found["startup"]
     assert 0 < startup["first_batch_seconds"] <= startup["wall_seconds"]
     predict = startup["predict"]
