@@ -15,7 +15,7 @@ worker takes them as batches, in the order it asked for them.
   weight 0 (data.decoded_dataset's keep_unreadable), so the planned steps hold on every worker;
   the loss and metrics leave it out, and each epoch counts it.
 - Rows come in the order asked (preserve_order), and each epoch's order is a function of (seed,
-  epoch) alone: a run repeats exactly, resumed or not, streamed or in memory.
+  epoch) alone: a run's order repeats exactly, resumed or not, streamed or in memory.
 """
 
 from __future__ import annotations
