@@ -239,13 +239,17 @@ def _sizing_row(sizing: dict[str, Any]) -> str:
 
 def _train_memory_row(memory: dict) -> str:
     runs = memory["runs"]  # two sizes; one in --smoke, whose growths are None
+
+    def growth(key: str) -> str:
+        return "n/a" if memory[key] is None else f"{memory[key]}x"
+
     store = " → ".join(f"{r['object_store_peak_mib']} MiB" for r in runs.values())
     driver = " → ".join(f"{r['driver_peak_rss_mib']:,.0f}" for r in runs.values())
     return (
         f"| peak memory of `dogbread train` ({memory['command'].removeprefix('dogbread train ')})"
         f", {' vs '.join(f'{int(n):,}' for n in runs)} images | object store {store} "
-        f"(**{memory['object_store_growth']}x**) · driver RSS {driver} MiB "
-        f"({memory['driver_rss_growth']}x) · all processes' PSS {memory['tree_pss_growth']}x "
+        f"(**{growth('object_store_growth')}**) · driver RSS {driver} MiB "
+        f"({growth('driver_rss_growth')}) · all processes' PSS {growth('tree_pss_growth')} "
         f"| ≤ 1.25x | {memory['machine']['load_average'][0]:.1f} |"
     )
 

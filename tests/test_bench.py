@@ -88,6 +88,7 @@ def test_run_all_smoke_writes_the_json_and_the_table(tmp_path):
     assert trained["object_store_peak_mib"] > 0 and trained["object_store_capacity_mib"] > 0
     assert trained["peak_pss_mib"] <= trained["peak_rss_mib"]
     assert train_memory["object_store_growth"] is None and train_memory["tree_pss_growth"] is None
+    assert "(**n/a**)" in text and "Nonex" not in text
     startup = found["startup"]
     assert 0 < startup["first_batch_seconds"] <= startup["wall_seconds"]
     predict = startup["predict"]
