@@ -94,6 +94,19 @@ def main(argv: list[str] | None = None) -> dict:
     if not (args.data / "manifest.csv").exists():
         sys.exit(f"no real photos at {args.data} (expected manifest.csv)")
 
+    start = time.perf_counter()
+    # stdout is for the JSON only: Ray forwards the training workers' prints to it, so they go
+    # to stderr with the rest of the training's output.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = measure(args)
+    result["seed_notebook"] = SEED_NOTEBOOK
+    result["total_seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Trains (or reuses) the runs that `args` asks for and scores them on the val split."""
     work = Path(args.out or tempfile.mkdtemp(prefix="dogbread-accuracy-"))
     manifest_path = work / "real-photos.parquet"
     data.write_manifest(real_photo_manifest(args.data, args.limit), str(manifest_path))
@@ -109,7 +122,6 @@ def main(argv: list[str] | None = None) -> dict:
         lr_schedule=args.lr_schedule,
         seed=args.seed,
     )
-    start = time.perf_counter()
     if args.members == 1:
         metrics = train.run(config)
         result = {"benchmark": "accuracy", "data": str(args.data)}
@@ -122,9 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
         figures = [run_figures(member, trained(member)) for member in members]
         out = work / "ensemble"
         shutil.rmtree(out, ignore_errors=True)  # this script's own output of an earlier run
-        with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON only
-            ensemble.run(EnsembleConfig(members=tuple(m.out for m in members), out=str(out)))
-            metrics = evaluate.run(str(out), str(manifest_path), split="val")
+        ensemble.run(EnsembleConfig(members=tuple(m.out for m in members), out=str(out)))
+        metrics = evaluate.run(str(out), str(manifest_path), split="val")
         result = {
             "benchmark": "accuracy",
             "data": str(args.data),
@@ -151,9 +162,6 @@ def main(argv: list[str] | None = None) -> dict:
             result["student_minus_ensemble"] = round(
                 result["student"]["accuracy"] - result["accuracy"], 4
             )
-    result["seed_notebook"] = SEED_NOTEBOOK
-    result["total_seconds"] = round(time.perf_counter() - start, 1)
-    print(json.dumps(result, indent=2))
     return result
 
 
